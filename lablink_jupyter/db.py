@@ -24,6 +24,9 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .statuses import VmStatus
 
+#: How pooled connections show in pg_stat_activity.
+APPLICATION_NAME = "lablink-pool"
+
 #: Key of the advisory lock that serialises migrations across allocator processes.
 MIGRATION_LOCK_KEY = 0x4C41424C494E4B  # "LABLINK"
 
@@ -105,7 +108,7 @@ class Database:
             conninfo,
             min_size=1,
             max_size=pool_size,
-            kwargs={"autocommit": True, "row_factory": dict_row},
+            kwargs={"autocommit": True, "row_factory": dict_row, "application_name": APPLICATION_NAME},
             open=False,
             timeout=connect_timeout,
             # A connection that died with the server is found and replaced before use.

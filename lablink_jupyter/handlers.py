@@ -35,10 +35,6 @@ if TYPE_CHECKING:
 
 STUDENT_COOKIE = "lablink-student"
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
-GET_A_COMMAND_HINT = (
-    f"Open {crd.HEADLESS_URL}, click Begin, Next and Authorize, then copy the "
-    "'Debian Linux' command and paste it here."
-)
 
 
 class ApiError(web.HTTPError):
@@ -381,7 +377,7 @@ class RequestVmHandler(LabLinkHandler):
             command = self.text_field(fields, "crd_command", required=False)
             if not command:
                 raise ApiError(400, "Paste the command from Chrome Remote Desktop first.",
-                               GET_A_COMMAND_HINT)
+                               crd.HOW_TO_GET_A_COMMAND)
             try:
                 view = await self._run(self.allocator.request_vm(user, command))
             except crd.CrdCommandError as exc:
@@ -393,7 +389,7 @@ class RequestVmHandler(LabLinkHandler):
                                "or tell your instructor.") from None
             except CodeAlreadyUsed:
                 raise ApiError(409, "This code was used already, and each code works only once.",
-                               GET_A_COMMAND_HINT) from None
+                               crd.HOW_TO_GET_A_COMMAND) from None
         except ApiError as exc:
             if self.is_form and exc.status_code != 403:
                 self.set_status(exc.status_code)

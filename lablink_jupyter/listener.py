@@ -30,6 +30,9 @@ def vm_channel(vm_id: int) -> str:
     return f"vm_updates_{int(vm_id)}"
 
 
+#: How the listening connection shows in pg_stat_activity.
+APPLICATION_NAME = "lablink-listener"
+
 #: The channel notified when any VM changes (dashboards, students without a VM).
 FLEET_CHANNEL = "vm_updates"
 
@@ -204,7 +207,8 @@ class NotificationListener:
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    self.conninfo, autocommit=True, connect_timeout=int(self.connect_timeout)
+                    self.conninfo, autocommit=True, connect_timeout=int(self.connect_timeout),
+                    application_name=APPLICATION_NAME,
                 )
             except psycopg.OperationalError as exc:
                 delay = backoff * (0.5 + random.random())
