@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
@@ -445,6 +446,17 @@ class HealthHandler(LabLinkHandler):
         self.write_json(health, status=200 if health["database"] == "ok" else 503)
 
 
+class SubscribeProgramHandler(LabLinkHandler):
+    """GET lablink/lablink_subscribe.py: the VM program, so a VM image can fetch it at boot."""
+
+    @allow_unauthenticated
+    def get(self) -> None:
+        import lablink_subscribe
+
+        self.set_header("Content-Type", "text/x-python; charset=UTF-8")
+        self.finish(Path(lablink_subscribe.__file__).read_bytes())
+
+
 class FormPageHandler(LabLinkHandler):
     """GET lablink/: the web form a student pastes their command into."""
 
@@ -526,6 +538,7 @@ default_handlers: list[tuple[str, type[LabLinkHandler]]] = [
     (routes.MY_VM, MyVmHandler),
     (routes.RELEASE, ReleaseHandler),
     (routes.HEALTH, HealthHandler),
+    (routes.SUBSCRIBE_PROGRAM, SubscribeProgramHandler),
     (routes.FORM_PAGE, FormPageHandler),
     (routes.VM_PAGE, VmPageHandler),
 ]

@@ -27,3 +27,4 @@ ADMIN_PAGE = "lablink/admin"
 
 # Anyone.
 HEALTH = "lablink/api/health"
+SUBSCRIBE_PROGRAM = "lablink/lablink_subscribe.py"  # the VM program, for VM images to download

@@ -1,0 +1,25 @@
+# The two commands of the README: `make run` (the whole system) and `make test`.
+# Both create .venv with everything on first use.
+
+VENV ?= .venv
+PYTHON ?= python3
+DEMO_VMS ?= 3
+PORT ?= 8888
+# Jupyter refuses to run as root unless told; the demo is meant to run anywhere.
+ALLOW_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
+
+.PHONY: run test install
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(VENV)/bin/jupyter lablink --demo-vms=$(DEMO_VMS) --port=$(PORT) --no-browser $(ALLOW_ROOT)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
