@@ -21,7 +21,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from jupyter_server.auth import IdentityProvider, User
+from jupyter_server.auth import User
+from jupyter_server.auth.identity import PasswordIdentityProvider
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from tornado.httpclient import HTTPResponse
@@ -38,7 +39,7 @@ STUDENT_TOKENS = {f"tok-{name}": name for name in ["alice", "bob", "carol", "dav
 STUDENT_TOKENS.update({f"tok-student{n}": f"student{n}" for n in range(100)})
 
 
-class StudentsIdentityProvider(IdentityProvider):
+class StudentsIdentityProvider(PasswordIdentityProvider):
     """Knows one token per student, so a test server has many users."""
 
     async def get_user(self, handler: Any) -> User | None:  # type: ignore[override]

@@ -1,0 +1,160 @@
+"""Delivery is not completion: work survives dead sockets and dead VMs; failures re-arm."""
+
+from __future__ import annotations
+
+import asyncio
+
+from conftest import fresh_code, linux_command, query, until
+
+
+def _status(lablink, hostname):
+    rows = query(lablink.database_url, "SELECT status FROM vms WHERE hostname = %s", (hostname,))
+    return rows[0][0] if rows else None
+
+
+async def test_killed_vm_gets_its_work_after_restart(lablink, vm_factory):
+    vm = vm_factory("lab-vm-1")
+    listener = lablink.allocator.listener
+    await until(lambda: _status(lablink, "lab-vm-1") == "available" and listener.waiter_count == 1)
+    vm.kill()  # SIGKILL mid-poll
+    await until(lambda: listener.waiter_count == 0, within=15)
+
+    code = fresh_code()
+    reply = await lablink.request_vm("alice", linux_command(code))
+    assert reply.code == 200 and reply.body["hostname"] == "lab-vm-1"
+    assert _status(lablink, "lab-vm-1") == "assigned"
+
+    vm.start()
+    await lablink.wait_for_status("alice", "active")
+    (call,) = vm.calls()
+    assert f"--code={code}" in call["argv"]
+    await until(lambda: listener.waiter_count == 1, within=15)
+
+
+async def test_work_written_into_a_dead_socket_is_delivered_again(lablink, vm_factory):
+    token = await lablink.enroll("lab-vm-1")
+    await lablink.poll("lab-vm-1", token, wait=0)
+    code = fresh_code()
+    assert (await lablink.request_vm("alice", linux_command(code))).code == 200
+
+    # The VM's answer goes out, but the VM never reads it (its connection died).
+    lost = await lablink.poll("lab-vm-1", token)
+    assert lost.body["status"] == "assigned"
+    assert _status(lablink, "lab-vm-1") == "configuring"
+    assert (await lablink.my_vm("alice")).body["status"] == "configuring"
+
+    again = await lablink.poll("lab-vm-1", token)
+    assert again.body == lost.body  # same code, same PIN, same work_id
+    actions = [a for (a,) in query(lablink.database_url, "SELECT action FROM events ORDER BY id")]
+    assert actions[-2:] == ["delivered", "delivered again"]
+
+
+async def test_failed_setup_then_fresh_code_rearms_the_same_vm(lablink, vm_factory):
+    vm = vm_factory("lab-vm-1")
+    await until(lambda: _status(lablink, "lab-vm-1") == "available")
+    vm.crd_dir.joinpath("exit_code").write_text("1")
+    vm.crd_dir.joinpath("stderr").write_text("OAuth error: invalid_grant\n")
+
+    first_code = fresh_code()
+    first = await lablink.request_vm("alice", linux_command(first_code))
+    pin = first.body["pin"]
+    failed = await lablink.wait_for_status("alice", "failed")
+    assert "fresh command" in failed["error"]
+    assert failed["pin"] == pin
+
+    again = await lablink.request_vm("alice", linux_command(first_code))
+    assert again.code == 409 and "only once" in again.error
+
+    vm.crd_dir.joinpath("exit_code").unlink()
+    second_code = fresh_code()
+    rearmed = await lablink.request_vm("alice", linux_command(second_code))
+    assert rearmed.code == 200, rearmed
+    assert rearmed.body["hostname"] == "lab-vm-1" and rearmed.body["pin"] == pin
+    assert rearmed.body["outcome"] == "rearmed"
+    await lablink.wait_for_status("alice", "active")
+    codes = [c["argv"][1] for c in vm.calls()]
+    assert codes == [f"--code={first_code}", f"--code={second_code}"]
+
+
+async def test_windows_command_is_accepted_with_a_note(lablink):
+    token = await lablink.enroll("lab-vm-1")
+    await lablink.poll("lab-vm-1", token, wait=0)
+    code = fresh_code()
+    command = (
+        '"%PROGRAMFILES(X86)%\\Google\\Chrome Remote Desktop\\CurrentVersion\\remoting_start_host.exe"'
+        f' --code="{code}" --redirect-url="https://remotedesktop.google.com/_/oauthredirect"'
+        " --name=%COMPUTERNAME%"
+    )
+    reply = await lablink.request_vm("alice", command)
+    assert reply.code == 200
+    assert any("Windows" in note for note in reply.body["notes"])
+    assert (await lablink.poll("lab-vm-1", token)).body["code"] == code
+
+
+async def test_garbage_is_refused_and_nothing_is_assigned(lablink):
+    token = await lablink.enroll("lab-vm-1")
+    await lablink.poll("lab-vm-1", token, wait=0)
+    for paste in ["", "hello", "https://remotedesktop.google.com/headless",
+                  '--code="4/0abcdefghijklmnopqrstu; rm -rf ~"']:
+        reply = await lablink.call("POST", "lablink/api/request_vm", user="alice",
+                                   json_body={"crd_command": paste})
+        assert reply.code == 400, (paste, reply)
+        assert reply.error and reply.body["hint"]
+    assert _status(lablink, "lab-vm-1") == "available"
+
+
+async def test_one_code_goes_to_one_vm(lablink):
+    for host in ("vm-a", "vm-b"):
+        await lablink.poll(host, await lablink.enroll(host), wait=0)
+    command = linux_command(fresh_code())
+    assert (await lablink.request_vm("alice", command)).code == 200
+    assert (await lablink.request_vm("bob", command)).code == 409
+    assert query(lablink.database_url, "SELECT count(*) FROM vms WHERE status = 'assigned'") == [(1,)]
+
+
+async def test_old_code_is_flagged_as_likely_expired(lablink, lablink_config):
+    token = await lablink.enroll("lab-vm-1")
+    await lablink.poll("lab-vm-1", token, wait=0)
+    assert (await lablink.request_vm("alice", linux_command(fresh_code()))).code == 200
+    assert "warning" not in (await lablink.my_vm("alice")).body
+    query(lablink.database_url, "UPDATE vms SET code_received_at = now() - interval '10 minutes'")
+    view = (await lablink.my_vm("alice")).body
+    assert "expire" in view["warning"]
+
+
+async def test_report_for_replaced_work_is_refused(lablink):
+    token = await lablink.enroll("lab-vm-1")
+    await lablink.poll("lab-vm-1", token, wait=0)
+    await lablink.request_vm("alice", linux_command(fresh_code()))
+    old = (await lablink.poll("lab-vm-1", token)).body
+    await lablink.request_vm("alice", linux_command(fresh_code()))  # a new code re-arms
+    late = await lablink.call("POST", "lablink/api/vm_status", token=token, json_body={
+        "hostname": "lab-vm-1", "status": "active", "work_id": old["work_id"]})
+    assert late.code == 409
+    new = (await lablink.poll("lab-vm-1", token)).body
+    assert new["work_id"] == old["work_id"] + 1 and new["code"] != old["code"]
+
+
+async def test_release_while_configuring_makes_the_vm_tear_down(lablink):
+    token = await lablink.enroll("lab-vm-1")
+    await lablink.poll("lab-vm-1", token, wait=0)
+    await lablink.request_vm("alice", linux_command(fresh_code()))
+    work = (await lablink.poll("lab-vm-1", token)).body
+    assert (await lablink.call("POST", "lablink/api/release", user="alice")).code == 200
+    late = await lablink.call("POST", "lablink/api/vm_status", token=token, json_body={
+        "hostname": "lab-vm-1", "status": "active", "work_id": work["work_id"]})
+    assert late.code == 409
+    assert (await lablink.poll("lab-vm-1", token)).body == {"status": "released"}
+    assert (await lablink.request_vm("bob", linux_command(fresh_code()))).code == 503  # not yet free
+    await lablink.call("POST", "lablink/api/vm_status", token=token,
+                       json_body={"hostname": "lab-vm-1", "status": "available"})
+    assert (await lablink.request_vm("bob", linux_command(fresh_code()))).code == 200
+
+
+async def test_release_before_delivery_frees_the_vm_at_once(lablink):
+    token = await lablink.enroll("lab-vm-1")
+    await lablink.poll("lab-vm-1", token, wait=0)
+    await lablink.request_vm("alice", linux_command(fresh_code()))
+    assert (await lablink.call("POST", "lablink/api/release", user="alice")).body["status"] == "available"
+    poll = asyncio.ensure_future(lablink.poll("lab-vm-1", token, wait=0.5))
+    assert (await poll).body == {"status": "waiting"}
