@@ -337,3 +337,17 @@ def linux_command(code: str) -> str:
 def fresh_code() -> str:
     """A new code in Google's shape."""
     return "4/0AVG7fiQ" + uuid.uuid4().hex + uuid.uuid4().hex[:20]
+
+
+def cookies_of(headers: Any) -> dict[str, str]:
+    """The cookies a response sets."""
+    jar = {}
+    for header in headers.get_list("Set-Cookie"):
+        name, _, rest = header.partition("=")
+        jar[name] = rest.split(";")[0]
+    return jar
+
+
+def cookie_header(jar: dict[str, str]) -> str:
+    """A Cookie header sending `jar` back, as a browser would."""
+    return "; ".join(f"{k}={v}" for k, v in jar.items())

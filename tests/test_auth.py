@@ -7,7 +7,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from conftest import ENROLL_TOKEN, fresh_code, linux_command, query
+from conftest import cookie_header, cookies_of, ENROLL_TOKEN, fresh_code, linux_command, query
 
 
 async def test_vm_token_works_only_for_its_own_hostname(lablink):
@@ -86,18 +86,18 @@ async def test_web_form_post_needs_xsrf_and_works_with_it(lablink):
     await lablink.poll("vm-a", token, wait=0)
     # A browser session: log in through Jupyter's own login page, keep the cookies.
     page = await lablink.call("GET", "login")
-    cookies = _cookies(page.headers)
+    cookies = cookies_of(page.headers)
     login = await lablink.call(
-        "POST", "login", headers={"Cookie": _cookie_header(cookies), "Content-Type":
+        "POST", "login", headers={"Cookie": cookie_header(cookies), "Content-Type":
                                   "application/x-www-form-urlencoded"},
         body=urlencode({"password": lablink.app.identity_provider.token,
                         "_xsrf": cookies["_xsrf"]}))
     assert login.code == 302, login
-    cookies.update(_cookies(login.headers))
-    browser = {"Cookie": _cookie_header(cookies), "Accept": "text/html",
+    cookies.update(cookies_of(login.headers))
+    browser = {"Cookie": cookie_header(cookies), "Accept": "text/html",
                "Content-Type": "application/x-www-form-urlencoded"}
 
-    form = await lablink.call("GET", "lablink/", headers={"Cookie": _cookie_header(cookies)})
+    form = await lablink.call("GET", "lablink/", headers={"Cookie": cookie_header(cookies)})
     assert form.code == 200 and 'name="_xsrf"' in form.body
     command = linux_command(fresh_code())
 
@@ -110,7 +110,7 @@ async def test_web_form_post_needs_xsrf_and_works_with_it(lablink):
     posted = await lablink.call("POST", "lablink/api/request_vm", headers=browser,
                                 body=urlencode({"crd_command": command, "_xsrf": xsrf}))
     assert posted.code == 303 and posted.headers["Location"].endswith("lablink/vm")
-    success = await lablink.call("GET", "lablink/vm", headers={"Cookie": _cookie_header(cookies)})
+    success = await lablink.call("GET", "lablink/vm", headers={"Cookie": cookie_header(cookies)})
     (pin,) = query(lablink.database_url, "SELECT pin FROM vms")[0]
     assert success.code == 200 and pin in success.body and "vm-a" in success.body
 
@@ -118,14 +118,3 @@ async def test_web_form_post_needs_xsrf_and_works_with_it(lablink):
                              body=urlencode({"crd_command": "hello", "_xsrf": xsrf}))
     assert bad.code == 400 and "not a Chrome Remote Desktop command" in bad.body
 
-
-def _cookies(headers):
-    jar = {}
-    for header in headers.get_list("Set-Cookie"):
-        name, _, rest = header.partition("=")
-        jar[name] = rest.split(";")[0]
-    return jar
-
-
-def _cookie_header(jar):
-    return "; ".join(f"{k}={v}" for k, v in jar.items())
