@@ -5,6 +5,8 @@ VENV ?= .venv
 PYTHON ?= python3
 DEMO_VMS ?= 3
 PORT ?= 8888
+# Where the embedded PostgreSQL keeps its data (empty: the default, see the README).
+DATA_DIR ?=
 # Jupyter refuses to run as root unless told; the demo is meant to run anywhere.
 ALLOW_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
@@ -19,7 +21,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(VENV)/bin/jupyter lablink --demo-vms=$(DEMO_VMS) --port=$(PORT) --no-browser $(ALLOW_ROOT)
+	$(VENV)/bin/jupyter lablink --demo-vms=$(DEMO_VMS) --port=$(PORT) --no-browser $(ALLOW_ROOT) \
+		$(if $(DATA_DIR),--LabLink.embedded_data_dir=$(DATA_DIR))
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

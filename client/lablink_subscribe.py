@@ -680,6 +680,11 @@ class Subscriber:
                 if 200 <= response.status_code < 300:
                     log.info("report sent: %s", body["status"])
                     return True
+                if response.status_code == 409:
+                    # Normal after a release or a fresh code during setup: the poll brings what is next.
+                    log.info("report %s no longer needed (%s)", body["status"],
+                             short_server_error(response))
+                    return False
                 if 400 <= response.status_code < 500:
                     log.warning("report %s refused (HTTP %d: %s)", body["status"],
                                 response.status_code, short_server_error(response))
@@ -716,7 +721,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.DEBUG if settings.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        # The hostname in every line: one machine may run several VMs' logs into one place.
+        format=f"%(asctime)s %(name)s[{settings.hostname}] %(levelname)s %(message)s",
     )
     # urllib3 would add a line per request; the events above are the log.
     logging.getLogger("urllib3").setLevel(logging.WARNING)

@@ -33,6 +33,10 @@ HOSTNAME_RE = re.compile(
 )
 
 
+class AllocatorNotReady(DatabaseUnavailable):
+    """The allocator is starting or stopping."""
+
+
 class NotAuthorized(Exception):
     """The presented token does not belong to this VM (or to the fleet)."""
 
@@ -118,14 +122,14 @@ class Allocator:
     def db(self) -> Database:
         """The database; DatabaseUnavailable until start() has finished."""
         if self._db is None:
-            raise DatabaseUnavailable("the allocator is still starting")
+            raise AllocatorNotReady("starting or stopping")
         return self._db
 
     @property
     def listener(self) -> NotificationListener:
         """The notification listener; DatabaseUnavailable until start() has finished."""
         if self._listener is None:
-            raise DatabaseUnavailable("the allocator is still starting")
+            raise AllocatorNotReady("starting or stopping")
         return self._listener
 
     @property
@@ -260,9 +264,11 @@ class Allocator:
         )
         view = self.vm_view(assignment.vm)
         notes = []
-        if command.variant.startswith("windows"):
+        other_system = {"windows-cmd": "Windows", "windows-powershell": "Windows", "macos": "macOS"}
+        if command.variant in other_system:
             notes.append(
-                "This is the Windows version of the command; that works too, only the code in it is used."
+                f"This is the {other_system[command.variant]} version of the command; that works too: "
+                "only the code in it is used."
             )
         if assignment.outcome == "rearmed":
             notes.append("Your VM keeps its PIN and is being set up again with the new code.")

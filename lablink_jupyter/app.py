@@ -7,6 +7,7 @@ JupyterHub single-user servers load it as an ordinary server extension.
 from __future__ import annotations
 
 import asyncio
+import getpass
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,11 @@ class LabLink(ExtensionApp):
         if self.embedded is not None and self.stop_embedded_on_exit:
             await asyncio.to_thread(self.embedded.stop)
             self.embedded = None
+
+    @property
+    def server_owner(self) -> str:
+        """Who a plain (non-Hub) Jupyter server belongs to: the account running it."""
+        return getpass.getuser()
 
     def render_page(self, handler: web.RequestHandler, name: str, **values: Any) -> str:
         """Render one of LabLink's HTML pages."""

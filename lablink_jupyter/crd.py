@@ -40,7 +40,7 @@ LINUX_START_HOST = "/opt/google/chrome-remote-desktop/start-host"
 #: Longer pastes are refused before any parsing; a real command is about 250 characters.
 MAX_PASTE_CHARS = 10_000
 
-Variant = Literal["linux", "windows-cmd", "windows-powershell", "code-only"]
+Variant = Literal["linux", "macos", "windows-cmd", "windows-powershell", "code-only"]
 
 HOW_TO_GET_A_COMMAND = (
     "Open remotedesktop.google.com/headless, click Begin, then Next, then Authorize, "
@@ -243,6 +243,8 @@ def _two_codes() -> CrdCommandError:
 def _variant(cleaned: str) -> Variant:
     """Which of Google's commands the paste is, judged by its program and variables."""
     lowered = cleaned.lower()
+    if "/library/google/chromeremotedesktop" in lowered:
+        return "macos"
     if "remoting_start_host" not in lowered:
         return "linux"
     if "$env:" in lowered or "${env:" in lowered or re.match(r"\s*(?:ps\s[^>\n]*>\s*)?&", lowered):

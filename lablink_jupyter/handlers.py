@@ -16,6 +16,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from jupyter_server.auth.decorator import allow_unauthenticated
+from jupyter_server.auth.identity import (
+    IdentityProvider,
+    LegacyIdentityProvider,
+    PasswordIdentityProvider,
+)
 from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import httputil, web
@@ -23,6 +28,7 @@ from tornado import httputil, web
 from . import crd, routes
 from .allocator import (
     Allocator,
+    AllocatorNotReady,
     ClientGone,
     EnrollmentClosed,
     NotAuthorized,
@@ -35,6 +41,12 @@ if TYPE_CHECKING:
     from .app import LabLink
 
 STUDENT_COOKIE = "lablink-student"
+#: Jupyter's own identity providers, which know one person (the server's owner), not a class.
+SINGLE_USER_PROVIDERS = (IdentityProvider, PasswordIdentityProvider, LegacyIdentityProvider)
+LOG_IN_HINT = (
+    "Open the link your course gave you and log in; programs send "
+    "'Authorization: token <token>'."
+)
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
@@ -134,7 +146,15 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
                 self.request.arguments.setdefault(name, []).extend(values)
         self._xsrf_deferred = False
         if self.request.method not in {"GET", "HEAD", "OPTIONS"}:
-            self.check_xsrf_cookie()
+            try:
+                self.check_xsrf_cookie()
+            except web.HTTPError as exc:
+                if exc.status_code != 403:
+                    raise
+                if self.current_user is None:
+                    raise ApiError(403, "Log in first.", LOG_IN_HINT) from None
+                raise ApiError(403, "This form is out of date or was sent from another site.",
+                               "Reload the page and submit it again.") from None
 
     def check_xsrf_cookie(self) -> None:
         if getattr(self, "_xsrf_deferred", False):
@@ -178,7 +198,7 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
         except (ValueError, RecursionError):
             raise ApiError(400, "The body is not valid JSON.", "Send a JSON object.") from None
         if not isinstance(value, dict):
-            raise ApiError(400, "The body must be a JSON object.", 'For example {"hostname": "lab-vm-1"}.')
+            raise ApiError(400, "The body must be a JSON object.", "Send the fields this endpoint takes as one JSON object.")
         _refuse_nul(value)
         return value
 
@@ -191,7 +211,7 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
                 raise ApiError(400, f"The field '{name}' is missing.")
             return None
         if not isinstance(value, str):
-            raise ApiError(400, f"The field '{name}' must be a string.")
+            raise ApiError(400, f"The field '{name}' must be a string.", f'Send it as text, e.g. {{"{name}": "…"}}.')
         if max_length is not None and len(value) > max_length:
             raise ApiError(400, f"The field '{name}' is longer than {max_length} characters.")
         return value
@@ -217,6 +237,7 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, ApiError):
+            self._expected_refusal = True
             body: dict[str, Any] = {"error": exc.error}
             if exc.hint:
                 body["hint"] = exc.hint
@@ -224,8 +245,22 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
             body = {"error": exc.log_message or httputil.responses.get(status_code, "Error")}
         else:
             body = {"error": "Internal error.", "hint": "The server log has the details."}
+        if self.is_form:
+            self.set_header("Content-Type", "text/html; charset=UTF-8")
+            self.finish(self.lablink.render_page(self, "error.html", error=body["error"],
+                                                 hint=body.get("hint")))
+            return
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(json.dumps(body))
+
+    def _log(self) -> None:
+        if getattr(self, "_expected_refusal", False) and self.get_status() >= 500:
+            # "No VM is free" and "database unavailable" are answers, not server faults:
+            # one line, without the request-header dump Jupyter adds to 5xx.
+            self.log.warning("%d %s %s %.2fms", self.get_status(), self.request.method,
+                             self.request.path, 1000.0 * self.request.request_time())
+            return
+        super()._log()
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, ApiError):
@@ -236,6 +271,9 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
         """Await an allocator call, turning an unreachable database into 503."""
         try:
             return await call
+        except AllocatorNotReady:
+            self.set_header("Retry-After", "5")
+            raise ApiError(503, "LabLink is starting or stopping.", "Try again in a few seconds.") from None
         except DatabaseUnavailable:
             self.set_header("Retry-After", "5")
             raise ApiError(503, "The database is unavailable right now.", "Try again in a few seconds.") from None
@@ -262,7 +300,11 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
             if self.current_user is None:
                 raise ApiError(400, "Type your email address first.")
         if self.current_user is None:
-            raise ApiError(403, "Log in to Jupyter first.", "Open the link your course gave you, then try again.")
+            raise ApiError(403, "Log in first.", LOG_IN_HINT)
+        if type(self.identity_provider) in SINGLE_USER_PROVIDERS:
+            # A plain Jupyter server belongs to one person: whoever holds its token or
+            # password is its owner, whatever anonymous name Jupyter gives each session.
+            return self.lablink.server_owner
         return str(self.current_user.username)
 
 
@@ -394,7 +436,9 @@ class RequestVmHandler(LabLinkHandler):
         except ApiError as exc:
             if self.is_form and exc.status_code != 403:
                 self.set_status(exc.status_code)
-                self.finish(self.lablink.render_page(self, "form.html", error=exc.error, hint=exc.hint))
+                self.finish(self.lablink.render_page(self, "form.html", error=exc.error, hint=exc.hint,
+                                                     command=fields.get("crd_command"),
+                                                     email=fields.get("email")))
                 return
             raise
         if self.is_form:
@@ -433,7 +477,7 @@ class ReleaseHandler(LabLinkHandler):
             self.redirect(self.base_url + routes.FORM_PAGE, status=303)
             return
         if row is None:
-            raise ApiError(404, "You have no VM to release.")
+            raise ApiError(404, "You have no VM to release.", "It may have been released already.")
         self.write_json({"hostname": row["hostname"], "status": row["status"]})
 
 
@@ -501,11 +545,14 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+NUL_HINT = "Copy the text again from where it came; a NUL character is never part of it."
+
+
 def _refuse_nul(value: Any) -> None:
     # PostgreSQL text cannot hold NUL; refuse it here with a clear answer.
     if isinstance(value, str):
         if "\x00" in value:
-            raise ApiError(400, "Text fields may not contain NUL characters.")
+            raise ApiError(400, "Text fields may not contain NUL characters.", NUL_HINT)
     elif isinstance(value, dict):
         for key, item in value.items():
             _refuse_nul(key)
@@ -521,7 +568,7 @@ def _decode(raw: bytes, name: str) -> str:
     except UnicodeDecodeError:
         raise ApiError(400, f"The field '{name}' is not UTF-8.") from None
     if "\x00" in text:
-        raise ApiError(400, "Text fields may not contain NUL characters.")
+        raise ApiError(400, "Text fields may not contain NUL characters.", NUL_HINT)
     return text
 
 

@@ -196,3 +196,14 @@ async def test_listener_connection_killed_waiters_reread_and_relisten(lablink):
     reply = await lablink.request_vm("alice", linux_command(fresh_code()))
     assert reply.code == 200
     assert (await poll).body["status"] == "assigned"
+
+
+async def test_double_click_on_the_last_free_vm_is_not_refused(lablink):
+    # Both requests of one student must succeed: the second finds the VM the first got.
+    for _round in range(5):
+        query(lablink.database_url, "TRUNCATE vms, events RESTART IDENTITY CASCADE")
+        await _fleet(lablink, 1)
+        command = linux_command(fresh_code())
+        replies = await asyncio.gather(*(lablink.request_vm("alice", command) for _ in range(2)))
+        assert [r.code for r in replies] == [200, 200], [r.body for r in replies]
+        assert {r.body["hostname"] for r in replies} == {"vm-0"}

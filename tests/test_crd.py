@@ -60,6 +60,8 @@ ACCEPTED = [
     ("linux-pasted-twice", LINUX + "\n" + LINUX, CODE, "linux"),
     ("only-the-flag", f'--code="{CODE}"', CODE, "linux"),
     ("windows-cmd", CMD, CODE, "windows-cmd"),
+    ("macos", f'/Library/Google/ChromeRemoteDesktop/remoting_start_host --code="{CODE}" {REDIRECT} '
+     "--name=$(hostname)", CODE, "macos"),
     ("windows-cmd-prompt", "C:\\Users\\ana> " + CMD, CODE, "windows-cmd"),
     ("windows-powershell", POWERSHELL, CODE, "windows-powershell"),
     ("windows-powershell-prompt", "PS C:\\Users\\ana> " + POWERSHELL, CODE, "windows-powershell"),

@@ -91,7 +91,7 @@ def test_jupyter_lablink_with_demo_vms_runs_the_whole_flow(tmp_path, database_ur
         recorded = [json.loads(line) for line in calls.read_text().splitlines()]
         assert f"--code={code}" in recorded[0]["argv"]
     finally:
-        server.send_signal(signal.SIGINT)
+        server.send_signal(signal.SIGTERM)  # SIGINT asks "Shut down?" or is ignored without a tty
         try:
             server.wait(30)
         except subprocess.TimeoutExpired:
