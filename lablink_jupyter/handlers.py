@@ -278,6 +278,15 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
             self.set_header("Retry-After", "5")
             raise ApiError(503, "The database is unavailable right now.", "Try again in a few seconds.") from None
 
+    def redirect_to_login(self) -> None:
+        """Send the browser to log in, and back here afterwards."""
+        url = self.get_login_url()
+        # Under JupyterHub the login URL is the Hub's OAuth URL, which carries its own query
+        # (and the way back in a state cookie); tornado's @authenticated adds `next` the same way.
+        if "?" not in url:
+            url += "?" + urlencode({"next": self.request.uri})
+        self.redirect(url)
+
     # -- who is asking --------------------------------------------------------------
 
     def student(self, fields: dict[str, Any] | None = None) -> str:
@@ -507,7 +516,7 @@ class FormPageHandler(LabLinkHandler):
     @allow_unauthenticated
     async def get(self) -> None:
         if self.lablink.identity == "jupyter" and self.current_user is None:
-            self.redirect(self.get_login_url() + "?" + urlencode({"next": self.request.uri}))
+            self.redirect_to_login()
             return
         self.finish(self.lablink.render_page(self, "form.html"))
 
@@ -518,7 +527,7 @@ class VmPageHandler(LabLinkHandler):
     @allow_unauthenticated
     async def get(self) -> None:
         if self.lablink.identity == "jupyter" and self.current_user is None:
-            self.redirect(self.get_login_url() + "?" + urlencode({"next": self.request.uri}))
+            self.redirect_to_login()
             return
         try:
             user = self.student()
