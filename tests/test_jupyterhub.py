@@ -387,6 +387,7 @@ def test_the_service_sends_a_browser_without_a_hub_login_to_log_in(hub: Hub) -> 
     first = stranger.get(SERVICE + routes.FORM_PAGE, allow_redirects=False)
     assert first.status_code == 302
     assert first.headers["Location"].startswith("/hub/api/oauth2/authorize?")
+    assert first.headers["Location"].count("?") == 1
     followed = stranger.get(SERVICE + routes.FORM_PAGE)
     assert followed.url.startswith(hub.url + "/hub/login")
     assert 'name="crd_command"' not in followed.text
@@ -395,6 +396,12 @@ def test_the_service_sends_a_browser_without_a_hub_login_to_log_in(hub: Hub) -> 
     assert asked.status_code == 403
     assert stranger.get(SERVICE + routes.MY_VM).status_code == 403
     assert _assignments(hub) == assigned_before
+
+    # VM routes keep their own bearer tokens: no Hub login, and no redirect to one.
+    polled = requests.post(hub.url + SERVICE + routes.VM_STARTUP, json={"hostname": "hub-vm-1"},
+                           headers={"Authorization": "Bearer not-a-vm-token"}, timeout=30,
+                           allow_redirects=False)
+    assert polled.status_code == 401 and polled.json()["error"]
 
 
 def test_the_service_serves_no_kernels_terminals_or_files_to_hub_users(hub: Hub) -> None:
