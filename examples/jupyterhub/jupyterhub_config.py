@@ -43,7 +43,7 @@ c.JupyterHub.load_roles = [
 ]
 
 # Hub admins are LabLink instructors.
-c.Authenticator.admin_users = set(os.environ.get("LABLINK_EXAMPLE_ADMINS", "teacher").split(","))
+c.Authenticator.admin_users = {"teacher"}
 
 # -- stand-ins for the course's own authenticator and spawner ---------------------------
 
