@@ -155,7 +155,6 @@ class LabLink(ExtensionApp):
     ).tag(config=True)
 
     allocator = Instance(Allocator, allow_none=True)
-
     embedded: EmbeddedPostgres | None = None
     demo_fleet: DemoFleet | None = None
 
@@ -188,6 +187,15 @@ class LabLink(ExtensionApp):
             loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True
         )
         self.settings.update({"lablink_allocator": self.allocator})
+        if hub.started_as_hub_service():
+            if isinstance(self.serverapp.authorizer, hub.LabLinkServiceAuthorizer):
+                self.log.info("LabLink runs as the JupyterHub service %r: Hub login for browsers; "
+                              "Jupyter's kernels, terminals and files are closed here",
+                              os.environ["JUPYTERHUB_SERVICE_NAME"])
+            else:
+                self.log.warning("LabLink runs as a JupyterHub service, but not as `jupyter lablink`: "
+                                 "every Hub user who may open it can use Jupyter's kernels and "
+                                 "terminals here. Start the service with `jupyter lablink`.")
 
     def initialize_handlers(self) -> None:
         """Register every route (base_url is prepended by jupyter-server)."""
