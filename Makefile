@@ -10,7 +10,10 @@ DATA_DIR ?=
 # Jupyter refuses to run as root unless told; the demo is meant to run anywhere.
 ALLOW_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
-.PHONY: run test install
+# Where the JupyterHub test finds Node's configurable-http-proxy when it is not on PATH.
+PROXY := .cache/node/node_modules/.bin/configurable-http-proxy
+
+.PHONY: run test install proxy
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +23,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Only if missing; without npm the JupyterHub test skips and says why.
+proxy:
+	@command -v configurable-http-proxy >/dev/null || [ -x $(PROXY) ] || \
+	  if command -v npm >/dev/null; then \
+	    npm install --no-save --no-audit --no-fund --loglevel=error --prefix .cache/node configurable-http-proxy@5; \
+	  else echo "npm is missing: the JupyterHub test will be skipped"; fi
+
 run: $(VENV)/.installed
 	$(VENV)/bin/jupyter lablink --demo-vms=$(DEMO_VMS) --port=$(PORT) --no-browser $(ALLOW_ROOT) \
 		$(if $(DATA_DIR),--LabLink.embedded_data_dir=$(DATA_DIR))
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed proxy
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -39,7 +39,7 @@ from lablink_jupyter.app import LabLink
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = REPO / "examples" / "jupyterhub" / "jupyterhub_config.py"
-#: Where .ci/run installs configurable-http-proxy when the machine has none.
+#: Where `make proxy` installs configurable-http-proxy when the machine has none.
 LOCAL_PROXY = REPO / ".cache" / "node" / "node_modules" / ".bin" / "configurable-http-proxy"
 
 STUDENT_PASSWORD = "student-" + uuid.uuid4().hex[:12]
@@ -64,8 +64,7 @@ def _skip_reason() -> str | None:
     except ImportError:
         return "jupyterhub is not installed: pip install -e '.[test]'"
     if _proxy_command() is None:
-        return ("configurable-http-proxy is not installed: "
-                "npm install --prefix .cache/node configurable-http-proxy (.ci/run does this)")
+        return "configurable-http-proxy is not installed: `make proxy` installs it (needs npm)"
     return None
 
 
