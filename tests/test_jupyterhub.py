@@ -68,7 +68,8 @@ def _skip_reason() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+SKIP_REASON = _skip_reason()
+pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
 
 
 def _free_port() -> int:
@@ -89,10 +90,11 @@ class Hub:
 
     @property
     def log_path(self) -> Path:
+        """Where the Hub, its proxy, its service and the users' servers write."""
         return self.home / "jupyterhub.log"
 
     def log(self) -> str:
-        """The Hub's log (with its proxy's and service's), for failure messages."""
+        """Everything they wrote so far."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def vm_of(self, user: str) -> VmProcess:

@@ -2,11 +2,15 @@
 
     LABLINK_DATABASE_URL=postgresql://lablink:secret@db.example.edu/lablink \
     LABLINK_ENROLL_TOKEN=a-long-random-fleet-token \
+    LABLINK_EXAMPLE_PASSWORD=a-student-password \
+    LABLINK_EXAMPLE_ADMIN_PASSWORD=an-admin-password-of-32-characters-or-more \
     jupyterhub -f examples/jupyterhub/jupyterhub_config.py
 
 The first part is what a course adds to its own jupyterhub_config.py. The second
 stands in for the course's authenticator and spawner, so that this file runs a
-whole Hub on one machine; the integration test (tests/test_jupyterhub.py) runs it.
+whole Hub on one machine; the integration test (tests/test_jupyterhub.py) runs it,
+choosing the ports (LABLINK_SERVICE_PORT for the service, the Hub's on its
+command line).
 """
 
 import os
