@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -54,15 +56,19 @@ class StudentsIdentityProvider(PasswordIdentityProvider):
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_server() -> Iterator[str]:
     """A PostgreSQL server: LABLINK_TEST_DATABASE_URL, or the embedded one."""
     url = os.environ.get("LABLINK_TEST_DATABASE_URL")
     if url:
         yield url
         return
-    embedded = start_embedded_postgres(tmp_path_factory.mktemp("embedded-postgres"))
+    # Outside pytest's own temp tree: other pytest sessions of the same user may reset its
+    # permissions, which the embedded server's system user needs to traverse.
+    data_dir = Path(tempfile.mkdtemp(prefix="lablink-test-postgres-"))
+    embedded = start_embedded_postgres(data_dir)
     yield embedded.url
     embedded.stop()
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
