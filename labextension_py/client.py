@@ -48,12 +48,15 @@ def discover(url: str | None = None, token: str | None = None) -> ServerAddress:
     if url:
         return ServerAddress(_with_slash(url), token or os.environ.get("LABLINK_TOKEN"), "arguments")
     if os.environ.get("LABLINK_URL"):
-        return ServerAddress(_with_slash(os.environ["LABLINK_URL"]), os.environ.get("LABLINK_TOKEN"),
+        # Under JupyterHub, LABLINK_URL is the Hub's LabLink service, and the Hub's token
+        # for this user's server is what identifies the student there.
+        return ServerAddress(_with_slash(os.environ["LABLINK_URL"]),
+                             os.environ.get("LABLINK_TOKEN") or os.environ.get("JUPYTERHUB_API_TOKEN"),
                              "LABLINK_URL")
     hub_url = os.environ.get("JUPYTERHUB_SERVICE_URL")
     hub_token = os.environ.get("JUPYTERHUB_API_TOKEN")
     if hub_url and hub_token:
-        # Under JupyterHub the student's own server runs the extension too (a replica).
+        # The student's own server, where a course runs replicas (database_url set there).
         return ServerAddress(_with_slash(hub_url), hub_token, "JupyterHub")
     parent = _parent_server()
     if parent is not None:

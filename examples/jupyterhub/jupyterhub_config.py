@@ -1,4 +1,4 @@
-"""JupyterHub for a course with LabLink: the allocator is a Hub service, every student's server a replica.
+"""JupyterHub for a course with LabLink: the allocator is a Hub service, and students' notebooks call it.
 
     LABLINK_DATABASE_URL=postgresql://lablink:secret@db.example.edu/lablink \
     LABLINK_ENROLL_TOKEN=a-long-random-fleet-token \
@@ -19,29 +19,39 @@ c = get_config()  # noqa: F821 (JupyterHub defines it while loading this file)
 
 # -- what a course needs ---------------------------------------------------------------
 
-# Secrets travel in environment variables: a command line is visible to every `ps`.
-database_url = os.environ["LABLINK_DATABASE_URL"]
+service_url = "http://127.0.0.1:" + os.environ.get("LABLINK_SERVICE_PORT", "10101")
 
 c.JupyterHub.services = [
     {
-        # VMs long-poll and instructors work at /services/lablink/; its web form logs
-        # students in with Hub OAuth.
+        # VMs long-poll, students' notebooks call and instructors work at /services/lablink/;
+        # its web form logs students in with Hub OAuth.
         "name": "lablink",
-        "url": "http://127.0.0.1:" + os.environ.get("LABLINK_SERVICE_PORT", "10101"),
+        "url": service_url,
         "command": ["jupyter", "lablink"],
+        # The database password is in this process alone. Secrets travel in environment
+        # variables: a command line is visible to every `ps`.
         "environment": {
-            "LABLINK_DATABASE_URL": database_url,
+            "LABLINK_DATABASE_URL": os.environ["LABLINK_DATABASE_URL"],
             "LABLINK_ENROLL_TOKEN": os.environ["LABLINK_ENROLL_TOKEN"],
         },
         "oauth_no_confirm": True,
     },
 ]
 
-# Every student's own server loads LabLink too, on the same database: the panel in a
-# notebook asks the student's own server, with the token the kernel already has.
-c.Spawner.environment = {"LABLINK_DATABASE_URL": database_url}
+# Where students' kernels reach the service (here on one machine, its own address; behind
+# the proxy it is https://hub.example.edu/services/lablink/). No database URL for students.
+c.Spawner.environment = {"LABLINK_URL": service_url + "/services/lablink/"}
 
-# Students may open the service's web form (the panel needs no extra scope).
+# The server's token (JUPYTERHUB_API_TOKEN, which the kernel can read) may call the service
+# as its own user: JupyterHub's two default server scopes, and access to the service.
+c.Spawner.server_token_scopes = [
+    "users:activity!user",
+    "access:servers!server",
+    "access:services!service=lablink",
+]
+
+# Users may open the service: its web form, and what their server tokens may hold (a server
+# token gets only scopes its user has).
 c.JupyterHub.load_roles = [
     {"name": "user", "scopes": ["self", "access:services!service=lablink"]},
 ]
@@ -57,7 +67,9 @@ c.SharedPasswordAuthenticator.user_password = os.environ["LABLINK_EXAMPLE_PASSWO
 c.SharedPasswordAuthenticator.admin_password = os.environ["LABLINK_EXAMPLE_ADMIN_PASSWORD"]
 c.Authenticator.allow_all = True
 
-# Single-user servers run as the Hub's own system user, each in a home of its own.
+# Single-user servers run as the Hub's own system user, each in a home of its own. That
+# isolates nothing (a student's kernel could read the service's environment in /proc): a
+# course's spawner gives students users or containers of their own, never the service's.
 c.JupyterHub.spawner_class = "simple"
 c.SimpleLocalProcessSpawner.home_dir_template = os.path.join(
     os.environ.get("LABLINK_EXAMPLE_HOMES", "/tmp/lablink-example-homes"), "{username}"
