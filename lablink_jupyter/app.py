@@ -164,6 +164,14 @@ class LabLink(ExtensionApp):
     embedded: EmbeddedPostgres | None = None
     demo_fleet: DemoFleet | None = None
 
+    @default("default_url")
+    def _default_default_url(self) -> str:
+        # jupyterhub-singleuser lands on an extension's default_url when JupyterLab is missing;
+        # never on LabLink's form there. (Asked while linking, before the base_url is settled.)
+        if hub.started_as_hub_user_server(os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "")):
+            return "/"
+        return self.extension_url
+
     @classmethod
     def make_serverapp(cls, **kwargs: Any) -> ServerApp:
         """The ServerApp of `jupyter lablink`: started by JupyterHub as a service, it logs users in with the Hub."""

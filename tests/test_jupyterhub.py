@@ -1,10 +1,11 @@
-"""Deployed by a real JupyterHub: the allocator as its service, each student's server a replica.
+"""Deployed by a real JupyterHub: the allocator as its service, which students' kernels call.
 
 One Hub for the module, started from examples/jupyterhub/jupyterhub_config.py:
 JupyterHub with configurable-http-proxy, the `lablink` service (`jupyter lablink`),
-single-user servers started as this system user, and three real `lablink-subscribe`
-VMs long-polling `/services/lablink/`. Students log in through the Hub's login form
-with a cookie-keeping HTTP client, as a browser would.
+single-user servers started as this system user (LabLink loaded, serving nothing),
+and three real `lablink-subscribe` VMs long-polling `/services/lablink/`. Students
+log in through the Hub's login form with a cookie-keeping HTTP client, as a
+browser would, and run the panel's calls in kernels of their own servers.
 
 It is slow next to the other tests, so .ci/run runs it in one of its two passes
 (LABLINK_SKIP_HUB_TEST=1 skips it).
@@ -31,7 +32,7 @@ import psycopg
 import pytest
 import requests
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from conftest import ENROLL_TOKEN, VmProcess, fresh_code, linux_command, query
 from lablink_jupyter import routes
@@ -242,6 +243,10 @@ class Browser:
             time.sleep(0.3)
         landing = self.get(f"/user/{username}/")
         assert landing.status_code == 200, (landing.status_code, landing.url)
+        # Without JupyterLab the landing page asks for no login: an authenticated page of
+        # Jupyter's own starts the Hub's OAuth to the server, as the UI would.
+        self.get(f"/user/{username}/files/")
+        assert self.get(f"/user/{username}/api/status").status_code == 200
 
     def start_kernel(self, username: str) -> Kernel:
         """A Python kernel in the user's own server."""
@@ -296,13 +301,14 @@ class Kernel:
         self.socket.close()
 
 
-# What a student's notebook runs: the panel's request path, finding the server by itself.
+# What a student's notebook runs: the panel's request path, finding the service by itself.
 REQUEST_FROM_KERNEL = """
-import json
+import json, os
 from labextension_py.client import LabLinkClient
 client = LabLinkClient()
 answer = client.request_vm({command!r})
-print(json.dumps({{"source": client.address.source, "url": client.address.url, **answer}}))
+print(json.dumps({{"source": client.address.source, "url": client.address.url,
+                  "hub_token": client.address.token == os.environ["JUPYTERHUB_API_TOKEN"], **answer}}))
 """
 
 MY_VM_FROM_KERNEL = """
@@ -311,31 +317,96 @@ from labextension_py.client import LabLinkClient
 print(json.dumps(LabLinkClient().my_vm()))
 """
 
+# Names only: the values hold the server's token.
+ENVIRONMENT_FROM_KERNEL = """
+import json, os
+marks = ("postgresql://", "postgres://", "dbname=", "password=", {database_name!r})
+print(json.dumps({{
+    "lablink_url": os.environ.get("LABLINK_URL"),
+    "lablink_token": "LABLINK_TOKEN" in os.environ,
+    "database_variables": sorted(name for name, value in os.environ.items()
+                                 if name == "LABLINK_DATABASE_URL" or any(m in value for m in marks)),
+}}))
+"""
 
-def test_two_students_each_get_their_own_vm_from_a_kernel_in_their_own_server(hub: Hub) -> None:
-    students = {name: Browser(hub).log_in(name) for name in ("alice", "bob")}
-    for browser in students.values():
+# The kernel's token, as any code in the notebook may use it.
+TOKEN_FROM_KERNEL = """
+import json, os, requests
+from labextension_py.client import LabLinkClient, LabLinkError
+token = {{"Authorization": "token " + os.environ["JUPYTERHUB_API_TOKEN"]}}
+scopes = requests.get(os.environ["JUPYTERHUB_API_URL"] + "/user", headers=token, timeout=30).json()["scopes"]
+others_server = requests.get({hub_url!r} + "/user/{other}/api/status", headers=token, timeout=30,
+                             allow_redirects=False).status_code
+try:
+    LabLinkClient().call("GET", {fleet!r})
+    fleet = 200
+except LabLinkError as refused:
+    fleet = refused.status
+print(json.dumps({{"scopes": scopes, "others_server": others_server, "fleet": fleet}}))
+"""
+
+STUDENTS = ("alice", "bob")
+
+
+@dataclass
+class Student:
+    """A student logged in to the Hub, with their server started and a kernel open in it."""
+
+    name: str
+    browser: Browser
+    kernel: Kernel
+
+
+@pytest.fixture(scope="module")
+def students(hub: Hub) -> Iterator[dict[str, Student]]:
+    """alice and bob, each with a server of their own and a kernel in it."""
+    browsers = {name: Browser(hub).log_in(name) for name in STUDENTS}
+    for browser in browsers.values():
         browser.start_server()
-    kernels = {}
-    for name, browser in students.items():
-        browser.open_server(name)
-        kernels[name] = browser.start_kernel(name)
+    logged_in: dict[str, Student] = {}
+    try:
+        for name, browser in browsers.items():
+            browser.open_server(name)
+            logged_in[name] = Student(name, browser, browser.start_kernel(name))
+        yield logged_in
+    finally:
+        for student in logged_in.values():
+            student.kernel.close()
 
+
+def test_students_servers_hold_no_database_url_and_run_no_allocator(hub: Hub,
+                                                                    students: dict[str, Student]) -> None:
+    database_name = conninfo_to_dict(hub.database_url)["dbname"]
+    for name, student in students.items():
+        seen = student.kernel.run_json(ENVIRONMENT_FROM_KERNEL.format(database_name=database_name))
+        assert seen["database_variables"] == [], f"{name}'s kernel can read the database URL"
+        assert seen["lablink_url"].endswith(SERVICE) and not seen["lablink_token"]
+        assert student.browser.get(f"/user/{name}/" + routes.HEALTH).status_code == 404
+        assert student.browser.get(f"/user/{name}/" + routes.MY_VM).status_code == 404
+        # Nor did it start an embedded PostgreSQL of its own.
+        assert not (hub.home / "homes" / name / ".local" / "share" / "jupyter" / "lablink").exists()
+    log = hub.log()
+    assert log.count("LabLink serves nothing in this JupyterHub user's server") == len(students)
+    ready = re.findall(r"allocator ready at (\S+)", log)
+    assert ready and all(SERVICE in url for url in ready)  # the service's alone
+
+
+def test_two_students_kernels_get_their_own_vms_from_the_service(hub: Hub, students: dict[str, Student]) -> None:
     codes = {name: fresh_code() for name in students}
-    answers = {name: kernels[name].run_json(REQUEST_FROM_KERNEL.format(command=linux_command(codes[name])))
-               for name in students}
+    answers = {name: student.kernel.run_json(REQUEST_FROM_KERNEL.format(command=linux_command(codes[name])))
+               for name, student in students.items()}
 
     for name, answer in answers.items():
-        # The panel asked the student's own server (a replica), with the kernel's Hub token.
-        assert answer["source"] == "JupyterHub"
-        assert f"/user/{name}/" in answer["url"]
+        # The panel asked the Hub's service, with the Hub's token for the student's server.
+        assert answer["source"] == "LABLINK_URL" and answer["url"].endswith(SERVICE)
+        assert answer["hub_token"] is True
         assert answer["pin"].isdigit() and len(answer["pin"]) >= 6
+        assert f"POST {SERVICE}{routes.REQUEST_VM} ({name}@" in hub.log()
     assert answers["alice"]["hostname"] != answers["bob"]["hostname"]
     assert answers["alice"]["pin"] != answers["bob"]["pin"]
     assert {name for (name,) in query(hub.database_url, "SELECT assigned_user FROM vms "
-                                      "WHERE assigned_user IS NOT NULL")} == {"alice", "bob"}
+                                      "WHERE assigned_user IS NOT NULL")} == set(STUDENTS)
 
-    # The service, where the VMs wait, learned of each assignment through LISTEN/NOTIFY.
     for name in students:
         vm = hub.vm_of(name)
         assert vm.hostname == answers[name]["hostname"]
@@ -344,14 +415,34 @@ def test_two_students_each_get_their_own_vm_from_a_kernel_in_their_own_server(hu
         assert f"--code={codes[name]}" in call["argv"]
         assert call["stdin"] == f"{answers[name]['pin']}\n{answers[name]['pin']}\n"
 
-    for name in students:
+    for name, student in students.items():
         _wait_for(hub, lambda: _status_of(hub, name) == "active", 30, f"{name}'s VM to be active")
-        mine = kernels[name].run_json(MY_VM_FROM_KERNEL)
-        assert mine["hostname"] == answers[name]["hostname"]
+        mine = student.kernel.run_json(MY_VM_FROM_KERNEL)
+        (other,) = set(students) - {name}
+        assert mine["hostname"] == answers[name]["hostname"] != answers[other]["hostname"]
         assert mine["status"] == "active" and mine["pin"] == answers[name]["pin"]
-    for kernel in kernels.values():
-        kernel.close()
+        assert answers[other]["pin"] not in json.dumps(mine)
     _assert_not_logged(hub, *codes.values(), *(answer["pin"] for answer in answers.values()))
+
+
+def test_a_students_token_acts_only_as_that_student(hub: Hub, students: dict[str, Student]) -> None:
+    alice = students["alice"]
+    seen = alice.kernel.run_json(TOKEN_FROM_KERNEL.format(hub_url=hub.url, other="bob", fleet=routes.VMS))
+    # JupyterHub's server scopes (and what they imply) and the service: nothing of anyone else.
+    assert {"users:activity!user=alice", "access:servers!server=alice/",
+            "access:services!service=lablink"} <= set(seen["scopes"])
+    assert all(scope.endswith(("!user=alice", "!server=alice/")) for scope in seen["scopes"]
+               if scope != "access:services!service=lablink"), seen["scopes"]
+    assert seen["others_server"] == 403
+    assert seen["fleet"] == (403 if _has_instructor_api() else 404)
+
+    # The service admits a Hub token only with its access scope, and none that the Hub does not know.
+    made = alice.browser.post("/hub/api/users/alice/tokens", json={"scopes": ["read:users:name!user"]})
+    assert made.status_code == 201, made.text
+    for token in (made.json()["token"], "not-a-hub-token"):
+        asked = requests.get(hub.url + SERVICE + routes.MY_VM, headers={"Authorization": f"token {token}"},
+                             timeout=30, allow_redirects=False)
+        assert asked.status_code == 403
 
 
 def test_the_service_form_logs_a_student_in_through_the_hub(hub: Hub) -> None:
