@@ -68,8 +68,8 @@ c.SharedPasswordAuthenticator.admin_password = os.environ["LABLINK_EXAMPLE_ADMIN
 c.Authenticator.allow_all = True
 
 # Single-user servers run as the Hub's own system user, each in a home of its own. That
-# isolates nothing (a student's kernel could read the service's environment in /proc): a
-# course's spawner gives students users or containers of their own, never the service's.
+# isolates nothing (a student's kernel could read the Hub's and the service's environment
+# in /proc): a course's spawner gives students users or containers of their own.
 c.JupyterHub.spawner_class = "simple"
 c.SimpleLocalProcessSpawner.home_dir_template = os.path.join(
     os.environ.get("LABLINK_EXAMPLE_HOMES", "/tmp/lablink-example-homes"), "{username}"
