@@ -166,8 +166,9 @@ class LabLink(ExtensionApp):
 
     @default("default_url")
     def _default_default_url(self) -> str:
-        # jupyterhub-singleuser lands on an extension's default_url when JupyterLab is missing;
-        # never on LabLink's form there. (Asked while linking, before the base_url is settled.)
+        # jupyterhub-singleuser lands on an extension's default_url when JupyterLab is missing:
+        # never on LabLink's form, not served there. It asks before it sets the server's
+        # base_url, so the Hub's prefix stands in for it.
         if hub.started_as_hub_user_server(os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "")):
             return "/"
         return self.extension_url

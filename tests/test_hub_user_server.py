@@ -94,3 +94,14 @@ def test_only_the_server_the_hub_spawned_is_recognised() -> None:
                "JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:10101", "JUPYTERHUB_SERVICE_PREFIX": "/services/lablink/"}
     assert not hub.started_as_hub_user_server("/services/lablink/", service)
     assert not hub.started_as_hub_user_server("/services/lablink/", {**service, "JUPYTERHUB_USER": "alice"})
+
+
+def test_a_users_server_does_not_land_on_the_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JUPYTERHUB_SERVICE_NAME", raising=False)
+    monkeypatch.setenv("JUPYTERHUB_USER", "alice")
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/alice/")
+    assert LabLink().default_url == "/"
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_NAME", "lablink")
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "t")
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:10101")
+    assert LabLink().default_url == "/" + routes.FORM_PAGE  # the service's own page
