@@ -342,7 +342,9 @@ try:
     fleet = 200
 except LabLinkError as refused:
     fleet = refused.status
-print(json.dumps({{"scopes": scopes, "others_server": others_server, "fleet": fleet}}))
+with open({log_path!r}, errors="replace") as log:
+    logged = token["Authorization"][len("token "):] in log.read()
+print(json.dumps({{"scopes": scopes, "others_server": others_server, "fleet": fleet, "logged": logged}}))
 """
 
 STUDENTS = ("alice", "bob")
@@ -427,7 +429,8 @@ def test_two_students_kernels_get_their_own_vms_from_the_service(hub: Hub, stude
 
 def test_a_students_token_acts_only_as_that_student(hub: Hub, students: dict[str, Student]) -> None:
     alice = students["alice"]
-    seen = alice.kernel.run_json(TOKEN_FROM_KERNEL.format(hub_url=hub.url, other="bob", fleet=routes.VMS))
+    seen = alice.kernel.run_json(TOKEN_FROM_KERNEL.format(hub_url=hub.url, other="bob", fleet=routes.VMS,
+                                                          log_path=str(hub.log_path)))
     # JupyterHub's server scopes (and what they imply) and the service: nothing of anyone else.
     assert {"users:activity!user=alice", "access:servers!server=alice/",
             "access:services!service=lablink"} <= set(seen["scopes"])
@@ -435,6 +438,7 @@ def test_a_students_token_acts_only_as_that_student(hub: Hub, students: dict[str
                if scope != "access:services!service=lablink"), seen["scopes"]
     assert seen["others_server"] == 403
     assert seen["fleet"] == (403 if _has_instructor_api() else 404)
+    assert seen["logged"] is False  # nor did any of its calls put the token in a log
 
     # The service admits a Hub token only with its access scope, and none that the Hub does not know.
     made = alice.browser.post("/hub/api/users/alice/tokens", json={"scopes": ["read:users:name!user"]})
@@ -443,6 +447,7 @@ def test_a_students_token_acts_only_as_that_student(hub: Hub, students: dict[str
         asked = requests.get(hub.url + SERVICE + routes.MY_VM, headers={"Authorization": f"token {token}"},
                              timeout=30, allow_redirects=False)
         assert asked.status_code == 403
+    _assert_not_logged(hub, made.json()["token"])
 
 
 def test_the_service_form_logs_a_student_in_through_the_hub(hub: Hub) -> None:
