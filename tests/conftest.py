@@ -52,6 +52,15 @@ class StudentsIdentityProvider(PasswordIdentityProvider):
         return await super().get_user(handler)  # type: ignore[misc,no-any-return]
 
 
+@pytest.fixture(autouse=True)
+def kernel_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start each test without LABLINK_URL/LABLINK_TOKEN, and take away what a test server exports."""
+    # setenv first so that undo removes what the server's start-up puts there.
+    for name in ("LABLINK_URL", "LABLINK_TOKEN"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
 # -- the database -----------------------------------------------------------------
 
 
