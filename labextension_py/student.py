@@ -448,9 +448,11 @@ class StudentPanel(widgets.VBox):
         if status in SETTING_UP and self._setting_up_since is not None:
             elapsed = f" ({int(time.monotonic() - self._setting_up_since)} s)"
         style = ERROR_STYLE if status == VmStatus.FAILED.value else ""
+        # When ready, the access note below says what to do, with the link to click.
+        message = "" if status == VmStatus.ACTIVE.value else str(view.get("message") or "")
         lines = [
-            f"<div style='{style}'>Status: <b>{html.escape(label)}</b>{elapsed} — "
-            f"{html.escape(str(view.get('message') or ''))}</div>"
+            f"<div style='{style}'>Status: <b>{html.escape(label)}</b>{elapsed}"
+            + (f" — {html.escape(message)}" if message else "") + "</div>"
         ]
         if view.get("error"):
             lines.append(f"<div style='{ERROR_STYLE}'>The VM said: {html.escape(str(view['error']))}</div>")
