@@ -31,7 +31,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]
 REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "test-artifacts"
 BASE_URL = "/a%40b/"  # not root, and needing quoting, like pytest-jupyter's
 SECONDS = 1000  # Playwright counts milliseconds
 
@@ -143,11 +142,10 @@ def browser_vm(lab_server: LabServer, empty_database: str, tmp_path: Path) -> It
         vm.stop()
 
 
-def test_student_gets_a_pin_in_jupyterlab(lab_server, browser_vm, empty_database):
+def test_student_gets_a_pin_in_jupyterlab(lab_server, browser_vm, empty_database, test_artifact):
     from playwright.sync_api import sync_playwright
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    screenshot = ARTIFACTS / "student-panel.png"
+    screenshot = test_artifact("student-panel.png")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
                                              args=CHROMIUM_ARGS)
@@ -177,8 +175,7 @@ def test_student_gets_a_pin_in_jupyterlab(lab_server, browser_vm, empty_database
             panel.scroll_into_view_if_needed()
             page.screenshot(path=screenshot)
         except Exception:
-            page.screenshot(path=ARTIFACTS / "student-panel-failure.png")
-            print(f"failure screenshot: {ARTIFACTS / 'student-panel-failure.png'}")
+            page.screenshot(path=test_artifact("student-panel-failure.png"))
             print(lab_server.log()[-4000:])
             raise
         finally:
