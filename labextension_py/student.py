@@ -10,6 +10,7 @@ every paste: the panel sends it as it is and shows the verdict.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import html
 import threading
@@ -99,10 +100,9 @@ async def _off_loop(call: Callable[[], T]) -> T:
             report = functools.partial(settle, functools.partial(future.set_exception, exc))
         else:
             report = functools.partial(settle, functools.partial(future.set_result, result))
-        try:
+        # A closed loop (the kernel is stopping) raises RuntimeError: nobody waits for the answer.
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(report)
-        except RuntimeError:
-            pass  # the loop is gone (the kernel is stopping): nobody waits for this answer
 
     threading.Thread(target=run, name="lablink-call", daemon=True).start()
     return await future
@@ -123,13 +123,13 @@ def _on_kernel_loop(handler: Callable[..., None]) -> Callable[..., None]:
 
 
 class StudentPanel(widgets.VBox):
-    """Paste Google's Chrome Remote Desktop command, get a lab VM and its PIN, and follow it until it is ready."""
+    """Paste Google's Chrome Remote Desktop command, get a lab VM and its PIN, follow it until ready."""
 
     #: Panels still following their VM; a new panel retires the older ones (a re-run cell).
     _live: ClassVar[weakref.WeakSet[StudentPanel]] = weakref.WeakSet()
 
     def __init__(self, url: str | None = None, token: str | None = None, **kwargs: Any) -> None:
-        """Find the LabLink server (`url`/`token`, else LABLINK_URL/LABLINK_TOKEN, else this kernel's server)."""
+        """Find the LabLink server: `url`/`token`, else LABLINK_URL/LABLINK_TOKEN, else the kernel's own."""
         self.heading = widgets.HTML("<div style='font-size: 1.3em; font-weight: 600'>Your lab VM</div>")
         self.hostname_display = widgets.HTML()
         self.pin_display = widgets.HTML()

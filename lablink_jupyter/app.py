@@ -203,7 +203,7 @@ class LabLink(ExtensionApp):
         self.handlers.extend((path, handler) for path, handler in default_handlers)
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
-        """Tell kernels where LabLink is; connect to (or start) PostgreSQL, migrate, listen; start demo VMs."""
+        """Tell kernels where LabLink is; connect to (or start) PostgreSQL, migrate, listen; demo VMs."""
         assert self.allocator is not None
         export_for_kernels(serverapp, self.log)
         url = self.database_url
