@@ -42,13 +42,17 @@ def kernel_url(serverapp: Any) -> str | None:
 def export_for_kernels(serverapp: Any, log: logging.Logger) -> None:
     """Put LABLINK_URL (and LABLINK_TOKEN when the server has a token) into os.environ.
 
-    An operator's own LABLINK_URL is left alone. Under JupyterHub no token is
-    exported: the Hub's identity provider does not take the server's token,
-    and kernels already carry the user's JUPYTERHUB_API_TOKEN.
+    An operator's own LABLINK_URL is left alone. Under JupyterHub nothing is
+    exported: kernels already carry the server's URL and the user's own token,
+    and the Hub's identity provider would not take the server's token anyway.
     """
     if os.environ.get(URL_VARIABLE):
         log.info("LabLink: kernels use %s=%s, set before the server started",
                  URL_VARIABLE, os.environ[URL_VARIABLE])
+        return
+    if os.environ.get(HUB_SERVER_URL_VARIABLE) and os.environ.get(HUB_TOKEN_VARIABLE):
+        log.info("LabLink: kernels find this server through JupyterHub's %s and %s",
+                 HUB_SERVER_URL_VARIABLE, HUB_TOKEN_VARIABLE)
         return
     url = kernel_url(serverapp)
     if url is None:

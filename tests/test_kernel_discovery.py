@@ -55,13 +55,17 @@ async def test_an_operators_lablink_url_is_left_alone(lablink, outside_any_hub):
     assert "LABLINK_TOKEN" not in os.environ
 
 
-async def test_under_jupyterhub_kernels_use_the_users_own_hub_token(lablink, vm_factory, outside_any_hub):
+async def test_under_jupyterhub_kernels_reach_their_server_with_the_users_own_token(
+        lablink, vm_factory, outside_any_hub):
     forget_export(outside_any_hub)
-    # The test server's identity provider plays the Hub: it knows each user's token.
+    # JupyterHub hands a user's server the URL to bind (host often empty) and the user's
+    # token; the test server's identity provider plays the Hub and knows that token.
+    outside_any_hub.setenv("JUPYTERHUB_SERVICE_URL", f"http://:{lablink.port}{lablink.base_url}")
     outside_any_hub.setenv("JUPYTERHUB_API_TOKEN", "tok-erin")
     export_for_kernels(lablink.app, LOG)
-    assert os.environ["LABLINK_URL"] == lablink.url
-    assert "LABLINK_TOKEN" not in os.environ  # the server's token is no good under a Hub
+    assert "LABLINK_URL" not in os.environ and "LABLINK_TOKEN" not in os.environ
+    address = discover()
+    assert (address.url, address.token, address.source) == (lablink.url, "tok-erin", "JupyterHub")
 
     vm_factory("lab-vm-1")
     panel = await panel_ready(StudentPanel())
@@ -75,13 +79,12 @@ async def test_under_jupyterhub_kernels_use_the_users_own_hub_token(lablink, vm_
         panel.close()
 
 
-async def test_jupyterhubs_bind_url_is_made_connectable(lablink, outside_any_hub):
+async def test_an_operators_lablink_url_takes_the_hub_token(lablink, outside_any_hub):
     forget_export(outside_any_hub)
-    # JupyterHub hands single-user servers the URL to bind, host often empty.
-    outside_any_hub.setenv("JUPYTERHUB_SERVICE_URL", f"http://:{lablink.port}{lablink.base_url}")
+    outside_any_hub.setenv("LABLINK_URL", lablink.url)  # e.g. in c.Spawner.environment
     outside_any_hub.setenv("JUPYTERHUB_API_TOKEN", "tok-dave")
     address = discover()
-    assert (address.url, address.token, address.source) == (lablink.url, "tok-dave", "JupyterHub")
+    assert (address.url, address.token, address.source) == (lablink.url, "tok-dave", "LABLINK_URL")
     panel = StudentPanel()
     try:
         await panel_ready(panel)
