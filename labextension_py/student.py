@@ -53,9 +53,14 @@ BIG_STYLE = (
 )
 
 
+LINK_STYLE = "color: var(--jp-content-link-color, #1976d2); text-decoration: underline"
+
+
 def _link(url: str) -> str:
     shown = url.removeprefix("https://")
-    return f'<a href="{html.escape(url)}" target="_blank" rel="noopener noreferrer">{html.escape(shown)}</a>'
+    # Widget HTML gets no link styling from JupyterLab: without this it reads as plain text.
+    return (f'<a href="{html.escape(url)}" target="_blank" rel="noopener noreferrer" '
+            f'style="{LINK_STYLE}">{html.escape(shown)}</a>')
 
 
 def _steps_html(intro: str) -> str:
