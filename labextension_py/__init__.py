@@ -1,1 +1,7 @@
 """What runs inside a notebook kernel: the LabLink panels and the client they use."""
+
+from __future__ import annotations
+
+from .student import StudentPanel
+
+__all__ = ["StudentPanel"]

@@ -7,13 +7,19 @@ await them from the kernel's event loop, so the kernel never freezes.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
 
 from lablink_jupyter import routes
+from lablink_jupyter.kernel_env import (
+    HUB_SERVER_URL_VARIABLE,
+    HUB_TOKEN_VARIABLE,
+    TOKEN_VARIABLE,
+    URL_VARIABLE,
+)
 
 #: Seconds to wait for a quick answer; long-polls add their own window to it.
 DEFAULT_TIMEOUT = 15.0
@@ -21,6 +27,10 @@ DEFAULT_TIMEOUT = 15.0
 HOW_TO_CONFIGURE = (
     "Could not find the LabLink server: set LABLINK_URL (the Jupyter server's URL, with "
     "its base_url) and LABLINK_TOKEN, or pass StudentPanel(url=..., token=...)."
+)
+NOT_RECOGNISED_HINT = (
+    "The LabLink server did not recognise this notebook's credentials ({source}): set "
+    "LABLINK_TOKEN to a token that server accepts, or pass StudentPanel(token=...)."
 )
 
 
@@ -39,29 +49,33 @@ class ServerAddress:
     """Where the allocator is, and the token to show it."""
 
     url: str
-    token: str | None
+    token: str | None = field(repr=False)
     source: str  # how it was found, for messages
 
 
 def discover(url: str | None = None, token: str | None = None) -> ServerAddress:
     """Find the allocator: explicit arguments, LABLINK_*, JupyterHub, then the kernel's own server."""
     if url:
-        return ServerAddress(_with_slash(url), token or os.environ.get("LABLINK_TOKEN"), "arguments")
-    if os.environ.get("LABLINK_URL"):
+        return ServerAddress(_with_slash(url), token or _environment_token(), "arguments")
+    if os.environ.get(URL_VARIABLE):
         # Under JupyterHub, LABLINK_URL is the Hub's LabLink service, and the Hub's token
         # for this user's server is what identifies the student there.
-        return ServerAddress(_with_slash(os.environ["LABLINK_URL"]),
-                             os.environ.get("LABLINK_TOKEN") or os.environ.get("JUPYTERHUB_API_TOKEN"),
-                             "LABLINK_URL")
-    hub_url = os.environ.get("JUPYTERHUB_SERVICE_URL")
-    hub_token = os.environ.get("JUPYTERHUB_API_TOKEN")
+        return ServerAddress(_with_slash(os.environ[URL_VARIABLE]), token or _environment_token(),
+                             URL_VARIABLE)
+    hub_url = os.environ.get(HUB_SERVER_URL_VARIABLE)
+    hub_token = os.environ.get(HUB_TOKEN_VARIABLE)
     if hub_url and hub_token:
         # The student's own server, where a course runs replicas (database_url set there).
-        return ServerAddress(_with_slash(hub_url), hub_token, "JupyterHub")
+        return ServerAddress(_connectable(_with_slash(hub_url)), token or hub_token, "JupyterHub")
     parent = _parent_server()
     if parent is not None:
-        return parent
+        return ServerAddress(parent.url, token or parent.token, parent.source)
     raise LabLinkError(None, HOW_TO_CONFIGURE)
+
+
+def _environment_token() -> str | None:
+    # LABLINK_TOKEN when set; under JupyterHub, the user's own API token.
+    return os.environ.get(TOKEN_VARIABLE) or os.environ.get(HUB_TOKEN_VARIABLE) or None
 
 
 def _parent_server() -> ServerAddress | None:
@@ -75,7 +89,8 @@ def _parent_server() -> ServerAddress | None:
         return None
     for info in list_running_servers():
         if str(info.get("pid")) == parent_pid:
-            return ServerAddress(_with_slash(info["url"]), info.get("token") or None, "parent server")
+            return ServerAddress(_connectable(_with_slash(info["url"])), info.get("token") or None,
+                                 "parent server")
     return None
 
 
@@ -83,17 +98,35 @@ def _with_slash(url: str) -> str:
     return url if url.endswith("/") else url + "/"
 
 
+def _connectable(url: str) -> str:
+    """`url` with a listen-on-everything host (JupyterHub's bind URL may have one) made loopback."""
+    parts = urlsplit(url)
+    if parts.hostname in (None, "", "0.0.0.0", "::"):  # noqa: S104
+        netloc = "127.0.0.1" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
 class LabLinkClient:
     """Blocking calls to the allocator's student and instructor routes."""
 
     def __init__(self, url: str | None = None, token: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.address = discover(url, token)
+                 timeout: float = DEFAULT_TIMEOUT, *, address: ServerAddress | None = None) -> None:
+        self.address = address or discover(url, token)
         self.timeout = timeout
         self.session = requests.Session()
         if self.address.token:
             # The Authorization header, not ?token=: JupyterHub 5 ignores tokens in URLs.
             self.session.headers["Authorization"] = f"token {self.address.token}"
+
+    def copy(self) -> LabLinkClient:
+        """A client for the same server with an HTTP session of its own."""
+        return LabLinkClient(self.address.url, self.address.token, self.timeout, address=self.address)
+
+    def _credentials(self) -> str:
+        if not self.address.token:
+            return "it sent no token"
+        return f"the token from {self.address.source}"
 
     def url_for(self, path: str) -> str:
         """The absolute URL of a route path."""
@@ -118,6 +151,12 @@ class LabLinkClient:
         except ValueError:
             body = None
         if response.status_code >= 400:
+            if response.status_code in (401, 403):
+                # The server's own hint speaks to a browser; a kernel needs another token.
+                error = body.get("error") if isinstance(body, dict) and body.get("error") else (
+                    f"The LabLink server answered {response.status_code}.")
+                raise LabLinkError(response.status_code, str(error),
+                                   NOT_RECOGNISED_HINT.format(source=self._credentials()))
             if isinstance(body, dict) and body.get("error"):
                 raise LabLinkError(response.status_code, str(body["error"]), body.get("hint"))
             raise LabLinkError(response.status_code,

@@ -26,6 +26,7 @@ from .db import Database
 from .demo import DemoFleet
 from .embedded import EmbeddedPostgres, default_data_dir, start_embedded_postgres
 from .handlers import default_handlers
+from .kernel_env import export_for_kernels
 from .listener import NotificationListener
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -235,10 +236,11 @@ class LabLink(ExtensionApp):
         self.handlers.extend((path, handler) for path, handler in default_handlers)
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
-        """Connect to (or start) PostgreSQL, migrate, listen; then start demo VMs."""
+        """Tell kernels where LabLink is; connect to (or start) PostgreSQL, migrate, listen; demo VMs."""
         if not self.serving:
             return
         assert self.allocator is not None
+        export_for_kernels(serverapp, self.log)
         url = self.database_url
         if not url:
             self.embedded = await asyncio.to_thread(

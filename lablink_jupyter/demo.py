@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .kernel_env import KERNEL_VARIABLES
 from .stand_in import write_stand_in
 
 
@@ -46,7 +47,9 @@ class DemoFleet:
             hostname = f"demo-vm-{number}"
             home = self.state_root / hostname
             start_host = write_stand_in(home / "crd")
-            env = dict(os.environ, LABLINK_ENROLL_TOKEN=self.enrollment_token)  # not argv: ps shows argv
+            # The token in the environment, not argv (ps shows argv); what kernels get stays with them.
+            env = {k: v for k, v in os.environ.items() if k not in KERNEL_VARIABLES}
+            env["LABLINK_ENROLL_TOKEN"] = self.enrollment_token
             self.processes[hostname] = subprocess.Popen(
                 [
                     *subscribe_command(),

@@ -254,8 +254,11 @@ class NotificationListener:
             if not pump.done():
                 # Cancelling is safe here: the task only ever awaits socket readiness.
                 pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
+            # Not `await pump` under suppress(CancelledError): that would also swallow a
+            # cancellation of this task arriving meanwhile, and stop() would wait forever.
+            await asyncio.wait({pump})
+        if not pump.cancelled():
+            pump.result()  # a lost connection's error goes on to _run, which reconnects
         if not done:
             # Quiet for a while: prove the connection is alive (a half-open socket never errors).
             await conn.execute("SELECT 1")

@@ -52,6 +52,41 @@ class StudentsIdentityProvider(PasswordIdentityProvider):
         return await super().get_user(handler)  # type: ignore[misc,no-any-return]
 
 
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+_ARTIFACTS_WRITTEN = pytest.StashKey[list[Path]]()
+
+
+@pytest.fixture
+def test_artifact(request: pytest.FixtureRequest) -> Any:
+    """A path under test-artifacts/ (gitignored) for a file a person may want to look at."""
+
+    def path_for(name: str) -> Path:
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / name
+        request.config.stash.setdefault(_ARTIFACTS_WRITTEN, []).append(path)
+        return path
+
+    return path_for
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """List the artifacts this run wrote, so their paths are in the test output."""
+    written = [path for path in config.stash.get(_ARTIFACTS_WRITTEN, []) if path.exists()]
+    if written:
+        terminalreporter.section("test artifacts")
+        for path in written:
+            terminalreporter.line(str(path))
+
+
+@pytest.fixture(autouse=True)
+def kernel_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start each test without LABLINK_URL/LABLINK_TOKEN, and take away what a test server exports."""
+    # setenv first so that undo removes what the server's start-up puts there.
+    for name in ("LABLINK_URL", "LABLINK_TOKEN"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
 # -- the database -----------------------------------------------------------------
 
 
