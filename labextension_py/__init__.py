@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .instructor import InstructorPanel
 from .student import StudentPanel
 
-__all__ = ["StudentPanel"]
+__all__ = ["InstructorPanel", "StudentPanel"]

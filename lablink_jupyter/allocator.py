@@ -8,6 +8,7 @@ allocator processes on one database work together.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import re
@@ -16,10 +17,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from . import crd
+from . import crd, metrics
 from .db import (
+    CodeAlreadyUsed,
     Database,
     DatabaseUnavailable,
+    NoVmFree,
     VmRetired,
     age_seconds,
     token_digest,
@@ -35,6 +38,10 @@ HOSTNAME_RE = re.compile(
 
 class AllocatorNotReady(DatabaseUnavailable):
     """The allocator is starting or stopping."""
+
+
+#: The shared setting holding the fleet enrollment token when none is configured.
+ENROLLMENT_TOKEN_SETTING = "enrollment_token"
 
 
 class NotAuthorized(Exception):
@@ -105,6 +112,8 @@ class AllocatorSettings:
     code_warning_after: float = 180.0
     recheck_interval: float = 5.0
     enrollment_token: str = ""
+    configure_timeout: float = 300.0
+    fleet_refresh_interval: float = 10.0
 
 
 class Allocator:
@@ -117,6 +126,9 @@ class Allocator:
         self._listener: NotificationListener | None = None
         self._polls: dict[int, _Poll] = {}
         self._enrollment_token = settings.enrollment_token
+        # Work handed to a VM, by VM id: (work_id, seconds from the request to the read, read time).
+        self._wakeups: dict[int, tuple[int, float, float]] = {}
+        self._fleet_task: asyncio.Task[None] | None = None
 
     @property
     def db(self) -> Database:
@@ -146,11 +158,17 @@ class Allocator:
         listener.start()
         if not self._enrollment_token:
             # Shared through the database so every allocator process accepts the same one.
-            self._enrollment_token = await database.get_or_create_setting("enrollment_token", new_token())
+            self._enrollment_token = await database.get_or_create_setting(ENROLLMENT_TOKEN_SETTING, new_token())
         self._db, self._listener = database, listener
+        self._fleet_task = asyncio.create_task(self._watch_fleet(), name="lablink-fleet")
 
     async def stop(self) -> None:
         """Stop listening and close the pool."""
+        task, self._fleet_task = self._fleet_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         database, listener = self._db, self._listener
         self._db = self._listener = None
         if listener is not None:
@@ -160,16 +178,38 @@ class Allocator:
 
     @property
     def enrollment_token(self) -> str:
-        """The fleet token VMs present to enroll."""
+        """The fleet token VMs present to enroll (as this process last read it)."""
         return self._enrollment_token
+
+    @property
+    def enrollment_token_configured(self) -> bool:
+        """Whether the fleet token comes from c.LabLink.enrollment_token (so it cannot be rotated here)."""
+        return bool(self.settings.enrollment_token)
+
+    async def current_enrollment_token(self) -> str:
+        """The fleet token in effect: the configured one, or the one shared through the database."""
+        if not self.enrollment_token_configured:
+            # Another allocator process may have rotated it.
+            stored = await self.db.get_setting(ENROLLMENT_TOKEN_SETTING)
+            if stored:
+                self._enrollment_token = stored
+        return self._enrollment_token
+
+    async def rotate_enrollment_token(self, actor: str) -> str:
+        """Replace the shared fleet token; VMs enrolled already keep their own tokens."""
+        token = new_token()
+        await self.db.replace_setting(ENROLLMENT_TOKEN_SETTING, token, actor, "enrollment token rotated")
+        self._enrollment_token = token
+        return token
 
     # -- VM side ----------------------------------------------------------------
 
     async def enroll(self, hostname: str, presented: str) -> str:
         """Create or re-key the VM `hostname`; returns its new token (only its hash is kept)."""
-        if not self._enrollment_token:
+        expected = await self.current_enrollment_token()
+        if not expected:
             raise EnrollmentClosed()
-        if not hmac.compare_digest(presented.encode(), self._enrollment_token.encode()):
+        if not hmac.compare_digest(presented.encode(), expected.encode()):
             raise NotAuthorized()
         token = new_token()
         await self.db.enroll_vm(hostname, token_digest(token))
@@ -201,6 +241,7 @@ class Allocator:
         client_gone = client_gone or ClientGone()
         subscription = await self.listener.subscribe(vm_channel(vm_id), timeout=min(5.0, window))
         client_gone.watch(subscription)
+        metrics.VM_POLLS_WAITING.inc()
         poll = _Poll(subscription)
         previous = self._polls.get(vm_id)
         self._polls[vm_id] = poll
@@ -215,6 +256,8 @@ class Allocator:
                     return {"status": "retired"}
                 answer = self._instruction(row)
                 if answer is not None:
+                    if row["previous_status"] == VmStatus.ASSIGNED and row["seconds_since_code"] is not None:
+                        self._wakeups[vm_id] = (row["work_id"], row["seconds_since_code"], loop.time())
                     return answer
                 remaining = deadline - loop.time()
                 if remaining <= 0 or poll.superseded or client_gone.gone:
@@ -226,10 +269,29 @@ class Allocator:
                 if poll.superseded or client_gone.gone:
                     return {"status": "waiting"}
         finally:
+            metrics.VM_POLLS_WAITING.dec()
             client_gone.unwatch(subscription)
             subscription.close()
             if self._polls.get(vm_id) is poll:
                 del self._polls[vm_id]
+
+    def response_written(self, vm_id: int, answer: dict[str, Any]) -> None:
+        """The VM's answer went out: time the wake-up if it delivered new work.
+
+        The time from the student's request to the VM's poll reading it comes
+        from the database clock (the request may have been made in another
+        allocator process); the rest is measured here.
+        """
+        wakeup = self._wakeups.pop(vm_id, None)
+        if wakeup is None or answer.get("work_id") != wakeup[0]:
+            return
+        _work_id, seconds_to_read, read_at = wakeup
+        latency = seconds_to_read + (asyncio.get_running_loop().time() - read_at)
+        metrics.WAKEUP_LATENCY.observe(max(0.0, latency))
+
+    def response_lost(self, vm_id: int) -> None:
+        """The VM's answer could not be written (it went away); forget its timing."""
+        self._wakeups.pop(vm_id, None)
 
     def _instruction(self, row: dict[str, Any]) -> dict[str, Any] | None:
         status = row["status"]
@@ -258,10 +320,24 @@ class Allocator:
 
     async def request_vm(self, user: str, command_text: str) -> dict[str, Any]:
         """Parse the pasted command and give the student a VM (or re-arm theirs)."""
-        command = crd.parse_crd_command(command_text)
-        assignment = await self.db.assign_vm(
-            user, command.code, new_pin(self.settings.pin_length), self.settings.stale_after
-        )
+        try:
+            command = crd.parse_crd_command(command_text)
+            assignment = await self.db.assign_vm(
+                user, command.code, new_pin(self.settings.pin_length), self.settings.stale_after
+            )
+        except crd.CrdCommandError:
+            metrics.ASSIGNMENT_REQUESTS.labels(outcome="bad_command").inc()
+            raise
+        except NoVmFree:
+            metrics.ASSIGNMENT_REQUESTS.labels(outcome="no_vm_free").inc()
+            raise
+        except CodeAlreadyUsed:
+            metrics.ASSIGNMENT_REQUESTS.labels(outcome="code_already_used").inc()
+            raise
+        except DatabaseUnavailable:
+            metrics.ASSIGNMENT_REQUESTS.labels(outcome="database_unavailable").inc()
+            raise
+        metrics.ASSIGNMENT_REQUESTS.labels(outcome=assignment.outcome).inc()
         view = self.vm_view(assignment.vm)
         notes = []
         other_system = {"windows-cmd": "Windows", "windows-powershell": "Windows", "macos": "macOS"}
@@ -345,6 +421,54 @@ class Allocator:
                 "after a few minutes. If setup fails, get a fresh command and paste it again."
             )
         return view
+
+    # -- the fleet as a whole ---------------------------------------------------------
+
+    @property
+    def timeout_message(self) -> str:
+        """What a student whose VM never reported is told."""
+        return (
+            f"The VM did not respond within {self.settings.configure_timeout:g} seconds. "
+            "Release it and ask again to get another VM."
+        )
+
+    async def fail_unresponsive(self) -> list[dict[str, Any]]:
+        """Mark failed the VMs that got work but never reported within configure_timeout."""
+        timeout = self.settings.configure_timeout
+        if timeout <= 0:
+            return []
+        failed = await self.db.fail_unresponsive(timeout, self.timeout_message)
+        for row in failed:
+            metrics.CONFIGURE_TIMEOUTS.inc()
+            self.log.warning(
+                "LabLink: %s (held by %s) did not report within %g s; marked failed",
+                row["hostname"], row["assigned_user"], timeout,
+            )
+        return failed
+
+    async def refresh_fleet_metrics(self) -> None:
+        """Read the fleet-wide figures from the database into the Prometheus gauges."""
+        metrics.set_fleet_counts(await self.db.status_counts(self.settings.stale_after))
+
+    def _fleet_interval(self) -> float:
+        interval = self.settings.fleet_refresh_interval
+        if self.settings.configure_timeout > 0:
+            # Check often enough that a silent VM is failed soon after its time is up.
+            interval = min(interval, max(0.1, self.settings.configure_timeout / 4))
+        return interval
+
+    async def _watch_fleet(self) -> None:
+        """Sweep for VMs that never reported and refresh the fleet metrics, every interval."""
+        while True:
+            try:
+                await self.fail_unresponsive()
+                await self.refresh_fleet_metrics()
+            except DatabaseUnavailable as exc:
+                self.log.debug("LabLink fleet sweep skipped: %s", exc)
+            except Exception:
+                # Keep sweeping: one bad round must not end the task for the life of the process.
+                self.log.exception("LabLink fleet sweep failed")
+            await asyncio.sleep(self._fleet_interval())
 
     # -- health -------------------------------------------------------------------
 

@@ -21,13 +21,16 @@ from traitlets import Bool, Enum, Float, Instance, Int, List, Unicode, default, 
 
 from . import crd, hub, routes
 from ._version import __version__
+from .admin_handlers import admin_handlers
 from .allocator import Allocator, AllocatorSettings
 from .db import Database
 from .demo import DemoFleet
 from .embedded import EmbeddedPostgres, default_data_dir, start_embedded_postgres
+from .fleet import FleetAdmin
 from .handlers import default_handlers
 from .kernel_env import export_for_kernels
 from .listener import NotificationListener
+from .roles import InstructorRule, is_instructor
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -105,8 +108,56 @@ class LabLink(ExtensionApp):
 
     instructors = List(
         Unicode(),
-        help="Usernames (or emails with identity='email') allowed to manage the fleet.",
+        help="""Jupyter (or JupyterHub) usernames allowed to manage the fleet. Always the
+        logged-in Jupyter user: an email typed into the open form (identity='email') never
+        makes anyone an instructor.""",
     ).tag(config=True)
+
+    instructor_group = Unicode(
+        "",
+        help="""Under JupyterHub: members of this Hub group are instructors too (empty: none
+        by group). Read from the Hub user model of the logged-in user.""",
+    ).tag(config=True)
+
+    hub_admins_are_instructors = Bool(
+        True, help="Under JupyterHub: whether Hub admins are instructors."
+    ).tag(config=True)
+
+    owner_is_instructor = Bool(
+        True,
+        help="""Without JupyterHub, on a server that uses jupyter-server's own token or
+        password login: whether whoever logs in with it (the server's owner, who can run any
+        code on it anyway) is an instructor. Never applies under JupyterHub or to a custom
+        identity provider.""",
+    ).tag(config=True)
+
+    configure_timeout = Float(
+        300.0,
+        help="""Seconds a VM may take from receiving a student's code to reporting CRD up
+        (or failed). A VM silent for longer is marked failed ("the VM did not respond"), which
+        the student and the instructor see. 0 turns the check off. Keep it above
+        lablink-subscribe's --start-host-timeout (120 s by default).""",
+    ).tag(config=True)
+
+    @validate("configure_timeout")
+    def _check_configure_timeout(self, proposal: Any) -> float:
+        value = float(proposal["value"])
+        if not 0 <= value <= 86400:
+            raise ValueError("configure_timeout must be between 0 and 86400 seconds")
+        return value
+
+    fleet_refresh_interval = Float(
+        10.0,
+        help="""Seconds between two rounds of each allocator process's fleet sweep: it
+        refreshes the fleet-wide metrics (VMs by status) and applies configure_timeout.""",
+    ).tag(config=True)
+
+    @validate("fleet_refresh_interval")
+    def _check_fleet_refresh_interval(self, proposal: Any) -> float:
+        value = float(proposal["value"])
+        if not 0.05 <= value <= 3600:
+            raise ValueError("fleet_refresh_interval must be between 0.05 and 3600 seconds")
+        return value
 
     enrollment_token = Unicode(
         help="""The fleet token VMs present to POST lablink/api/vms/enroll. Defaults to the
@@ -162,6 +213,7 @@ class LabLink(ExtensionApp):
     allocator = Instance(Allocator, allow_none=True)
     #: False in a JupyterHub user's server without a database_url: nothing is registered.
     serving: bool = True
+    fleet: FleetAdmin | None = None
     embedded: EmbeddedPostgres | None = None
     demo_fleet: DemoFleet | None = None
 
@@ -200,13 +252,16 @@ class LabLink(ExtensionApp):
                 pin_length=self.pin_length,
                 code_warning_after=self.code_warning_after,
                 enrollment_token=self.enrollment_token,
+                configure_timeout=self.configure_timeout,
+                fleet_refresh_interval=self.fleet_refresh_interval,
             ),
             log=self.log,
         )
+        self.fleet = FleetAdmin(self.allocator)
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True
         )
-        self.settings.update({"lablink_allocator": self.allocator})
+        self.settings.update({"lablink_allocator": self.allocator, "lablink_fleet": self.fleet})
         if hub.started_as_hub_service():
             if isinstance(self.serverapp.authorizer, hub.LabLinkServiceAuthorizer):
                 self.log.info("LabLink runs as the JupyterHub service %r: Hub login for browsers; "
@@ -233,7 +288,9 @@ class LabLink(ExtensionApp):
         """Register every route (base_url is prepended by jupyter-server)."""
         if not self.serving:
             return
+        # VM and student routes first: lablink/api/vms/enroll must win over lablink/api/vms/<hostname>.
         self.handlers.extend((path, handler) for path, handler in default_handlers)
+        self.handlers.extend((path, handler) for path, handler in admin_handlers)
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         """Tell kernels where LabLink is; connect to (or start) PostgreSQL, migrate, listen; demo VMs."""
@@ -276,6 +333,16 @@ class LabLink(ExtensionApp):
     def server_owner(self) -> str:
         """Who a plain (non-Hub) Jupyter server belongs to: the account running it."""
         return getpass.getuser()
+
+    def is_instructor(self, user: Any, identity_provider: Any = None) -> bool:
+        """Whether the logged-in Jupyter `user` may manage the fleet (see roles.is_instructor)."""
+        rule = InstructorRule(
+            instructors=frozenset(self.instructors),
+            instructor_group=self.instructor_group,
+            hub_admins_are_instructors=self.hub_admins_are_instructors,
+            owner_is_instructor=self.owner_is_instructor,
+        )
+        return is_instructor(user, rule, identity_provider)
 
     def render_page(self, handler: web.RequestHandler, name: str, **values: Any) -> str:
         """Render one of LabLink's HTML pages."""

@@ -42,6 +42,12 @@ _PUBLIC = (
 PUBLIC_COLUMNS = ", ".join(_PUBLIC)
 PUBLIC_COLUMNS_OF_VMS = ", ".join(f"vms.{c}" for c in _PUBLIC)
 
+#: Whether a VM is stale: expected to poll but not seen for stale_after seconds.
+_STALE = (
+    "(status NOT IN ('provisioning', 'retired')"
+    " AND (last_seen_at IS NULL OR last_seen_at < now() - make_interval(secs => %(stale_after)s)))"
+)
+
 
 class DatabaseUnavailable(Exception):
     """PostgreSQL cannot be reached right now; the caller should answer 503."""
@@ -61,6 +67,32 @@ class VmNotFound(Exception):
 
 class VmRetired(Exception):
     """The VM was retired by an instructor."""
+
+
+class VmHeld(Exception):
+    """The VM is held by a student (`user`), so retiring it needs confirmation."""
+
+    def __init__(self, hostname: str, user: str) -> None:
+        super().__init__(hostname)
+        self.hostname = hostname
+        self.user = user
+
+
+class VmNotHeld(Exception):
+    """No student holds the VM, so there is nothing to release."""
+
+    def __init__(self, hostname: str, status: str) -> None:
+        super().__init__(hostname)
+        self.hostname = hostname
+        self.status = status
+
+
+class VmsAlreadyRegistered(Exception):
+    """Some of the hostnames to register are VMs already in use (`hostnames`)."""
+
+    def __init__(self, hostnames: list[str]) -> None:
+        super().__init__(", ".join(hostnames))
+        self.hostnames = hostnames
 
 
 @dataclass(frozen=True)
@@ -246,7 +278,9 @@ class Database:
                 "   delivered_at = CASE WHEN vms.status = 'assigned' THEN now() ELSE vms.delivered_at END"
                 "  FROM before WHERE vms.id = before.id"
                 "  RETURNING vms.id, vms.hostname, vms.status, vms.crd_code, vms.pin, vms.work_id,"
-                "   vms.code_received_at, before.status AS previous_status),"
+                "   vms.code_received_at, before.status AS previous_status,"
+                "   extract(epoch FROM clock_timestamp() - vms.code_received_at)::float8"
+                "    AS seconds_since_code),"
                 " logged AS ("
                 "  INSERT INTO events (actor, action, vm_id, hostname)"
                 "  SELECT 'vm:' || hostname,"
@@ -412,6 +446,227 @@ class Database:
                 await self._event(conn, actor or user, "released", row["id"], row["hostname"],
                                   f"held by {user}" if actor and actor != user else None)
             return row
+
+    # -- instructor side ----------------------------------------------------------------
+
+    async def fleet(self, stale_after: float) -> list[dict[str, Any]]:
+        """Every VM as an instructor sees it (never the code or the PIN), by hostname.
+
+        Ages are computed by the database clock, the one every allocator process shares.
+        """
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, hostname, status, assigned_user, last_error, last_seen_at, created_at,"
+                " status_changed_at, assigned_at, delivered_at, active_at, failed_at, released_at,"
+                " retired_at,"
+                " extract(epoch FROM now() - last_seen_at)::float8 AS seconds_since_seen,"
+                " extract(epoch FROM now() - status_changed_at)::float8 AS seconds_in_status,"
+                f" {_STALE} AS stale"
+                " FROM vms ORDER BY hostname",
+                {"stale_after": stale_after},
+            )
+            return await cur.fetchall()
+
+    async def status_counts(self, stale_after: float) -> dict[str, tuple[int, int]]:
+        """For each status: how many VMs, and how many of those are stale."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                "SELECT status, count(*)::int AS vms,"
+                f" count(*) FILTER (WHERE {_STALE})::int AS stale"
+                " FROM vms GROUP BY status",
+                {"stale_after": stale_after},
+            )
+            return {row["status"]: (row["vms"], row["stale"]) for row in await cur.fetchall()}
+
+    async def register_vms(
+        self, vms: list[tuple[str, str]], actor: str
+    ) -> list[dict[str, Any]]:
+        """Register (hostname, token hash) pairs as provisioning VMs, all or none.
+
+        A retired VM is registered again with its new token; any other VM that
+        already exists makes the whole call fail with VmsAlreadyRegistered.
+        """
+        hostnames = [hostname for hostname, _ in vms]
+        try:
+            async with self.transaction() as conn:
+                cur = await conn.execute(
+                    "SELECT hostname FROM vms WHERE hostname = ANY(%s) AND status <> 'retired'"
+                    " ORDER BY hostname FOR UPDATE",
+                    (hostnames,),
+                )
+                taken = [row["hostname"] for row in await cur.fetchall()]
+                if taken:
+                    raise VmsAlreadyRegistered(taken)
+                cur = await conn.execute(
+                    "INSERT INTO vms (hostname, token_hash)"
+                    " SELECT * FROM unnest(%s::text[], %s::text[])"
+                    " ON CONFLICT (hostname) DO UPDATE SET status = 'provisioning',"
+                    "  token_hash = EXCLUDED.token_hash, status_changed_at = now(), retired_at = NULL,"
+                    "  last_seen_at = NULL, last_error = NULL"
+                    " WHERE vms.status = 'retired'"
+                    " RETURNING id, hostname, status, (xmax = 0) AS created",
+                    (hostnames, [token_hash for _, token_hash in vms]),
+                )
+                rows = await cur.fetchall()
+                if len(rows) != len(vms):
+                    # Another request registered some of them between the check and the insert.
+                    done = {row["hostname"] for row in rows}
+                    raise VmsAlreadyRegistered(sorted(set(hostnames) - done))
+                for row in rows:
+                    await self._event(conn, actor, "registered" if row["created"] else "registered again",
+                                      row["id"], row["hostname"])
+                return sorted(rows, key=lambda row: hostnames.index(row["hostname"]))
+        except errors.UniqueViolation:
+            raise VmsAlreadyRegistered(hostnames) from None
+
+    async def release_vm(self, hostname: str, actor: str) -> dict[str, Any]:
+        """An instructor lets go of the VM `hostname` for whoever holds it.
+
+        Like a student's own release: a VM that never received its work goes
+        straight back to the pool, one that may have set CRD up tears down first.
+        """
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "SELECT id, status, assigned_user FROM vms WHERE hostname = %s FOR UPDATE", (hostname,)
+            )
+            before = await cur.fetchone()
+            if before is None:
+                raise VmNotFound(hostname)
+            if before["assigned_user"] is None:
+                raise VmNotHeld(hostname, before["status"])
+            cur = await conn.execute(
+                "UPDATE vms SET status = CASE WHEN delivered_at IS NULL AND status = 'assigned'"
+                "                             THEN 'available' ELSE 'released' END,"
+                " status_changed_at = now(), assigned_user = NULL, crd_code = NULL, pin = NULL,"
+                " released_at = now()"
+                f" WHERE id = %s RETURNING {PUBLIC_COLUMNS}",
+                (before["id"],),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            held_by = before["assigned_user"]
+            await self._event(conn, actor, "released", row["id"], row["hostname"], f"held by {held_by}")
+            row["held_by"] = held_by
+            return row
+
+    async def retire_vm(self, hostname: str, actor: str, force: bool = False) -> dict[str, Any]:
+        """Take the VM `hostname` out of the fleet; a held VM needs `force`.
+
+        Retiring a retired VM changes nothing and writes no event.
+        """
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "SELECT id, status, assigned_user FROM vms WHERE hostname = %s FOR UPDATE", (hostname,)
+            )
+            before = await cur.fetchone()
+            if before is None:
+                raise VmNotFound(hostname)
+            held_by = before["assigned_user"]
+            if before["status"] == VmStatus.RETIRED:
+                cur = await conn.execute(f"SELECT {PUBLIC_COLUMNS} FROM vms WHERE id = %s", (before["id"],))
+                row = await cur.fetchone()
+                assert row is not None
+                row["held_by"] = None
+                return row
+            if held_by is not None and not force:
+                raise VmHeld(hostname, held_by)
+            cur = await conn.execute(
+                "UPDATE vms SET status = 'retired', status_changed_at = now(), retired_at = now(),"
+                " assigned_user = NULL, crd_code = NULL, pin = NULL,"
+                " released_at = CASE WHEN assigned_user IS NULL THEN released_at ELSE now() END"
+                f" WHERE id = %s RETURNING {PUBLIC_COLUMNS}",
+                (before["id"],),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            await self._event(conn, actor, "retired", row["id"], row["hostname"],
+                              f"held by {held_by}" if held_by else None)
+            row["held_by"] = held_by
+            return row
+
+    async def fail_unresponsive(self, timeout: float, message: str) -> list[dict[str, Any]]:
+        """Mark failed every VM that got work over `timeout` s ago and never reported; the ones marked.
+
+        One statement, so several allocator processes may run it at once: a
+        row another process already failed no longer matches, and gets no
+        second event.
+        """
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                "WITH timed_out AS ("
+                "  UPDATE vms SET status = 'failed', status_changed_at = now(), failed_at = now(),"
+                "   crd_code = NULL, last_error = %(message)s"
+                "  WHERE status IN ('assigned', 'configuring')"
+                "   AND code_received_at < now() - make_interval(secs => %(timeout)s)"
+                "  RETURNING id, hostname, assigned_user, delivered_at),"
+                " logged AS ("
+                "  INSERT INTO events (actor, action, vm_id, hostname, detail)"
+                "  SELECT 'system', 'failed', id, hostname, %(detail)s FROM timed_out)"
+                " SELECT * FROM timed_out",
+                {
+                    "message": message,
+                    "timeout": timeout,
+                    "detail": f"no report within {timeout:g} s",
+                },
+            )
+            return await cur.fetchall()
+
+    async def events_page(
+        self,
+        limit: int,
+        *,
+        before: int | None = None,
+        after: int | None = None,
+        hostname: str | None = None,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Up to `limit` events newest first, and the id of the newest event of all.
+
+        Both come from one statement, so they agree with each other.
+        """
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                "WITH latest AS (SELECT coalesce(max(id), 0) AS latest_id FROM events),"
+                " page AS ("
+                "  SELECT id, at, actor, action, hostname, detail FROM events"
+                "  WHERE (%(before)s::bigint IS NULL OR id < %(before)s)"
+                "   AND (%(after)s::bigint IS NULL OR id > %(after)s)"
+                "   AND (%(hostname)s::text IS NULL OR hostname = %(hostname)s)"
+                "  ORDER BY id DESC LIMIT %(limit)s)"
+                " SELECT latest.latest_id, page.* FROM latest LEFT JOIN page ON true"
+                " ORDER BY page.id DESC NULLS LAST",
+                {"before": before, "after": after, "hostname": hostname, "limit": limit},
+            )
+            rows = await cur.fetchall()
+        latest_id = int(rows[0]["latest_id"])
+        events = [{k: v for k, v in row.items() if k != "latest_id"} for row in rows if row["id"] is not None]
+        return events, latest_id
+
+    async def assignment_history(self) -> list[dict[str, Any]]:
+        """Every assignment ever made, by hostname then time."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                "SELECT hostname, username, assigned_at, active_at, ended_at, ended_as, codes, failures,"
+                " extract(epoch FROM active_at - assigned_at)::float8 AS seconds_to_active"
+                " FROM assignments ORDER BY hostname, assigned_at, id"
+            )
+            return await cur.fetchall()
+
+    async def get_setting(self, name: str) -> str | None:
+        """The shared setting `name`, if stored."""
+        async with self.connection() as conn:
+            cur = await conn.execute("SELECT value FROM fleet_settings WHERE name = %s", (name,))
+            row = await cur.fetchone()
+            return None if row is None else str(row["value"])
+
+    async def replace_setting(self, name: str, value: str, actor: str, action: str) -> None:
+        """Store a new value for the shared setting `name`, with its event (never the value)."""
+        async with self.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO fleet_settings (name, value) VALUES (%s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                (name, value),
+            )
+            await self._event(conn, actor, action, None, None)
 
     # -- audit log ------------------------------------------------------------------
 

@@ -16,11 +16,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from jupyter_server.auth.decorator import allow_unauthenticated
-from jupyter_server.auth.identity import (
-    IdentityProvider,
-    LegacyIdentityProvider,
-    PasswordIdentityProvider,
-)
 from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import httputil, web
@@ -35,14 +30,13 @@ from .allocator import (
     normalize_hostname,
 )
 from .db import CodeAlreadyUsed, DatabaseUnavailable, NoVmFree, VmRetired
+from .roles import SINGLE_USER_PROVIDERS
 from .statuses import VmStatus
 
 if TYPE_CHECKING:
     from .app import LabLink
 
 STUDENT_COOKIE = "lablink-student"
-#: Jupyter's own identity providers, which know one person (the server's owner), not a class.
-SINGLE_USER_PROVIDERS = (IdentityProvider, PasswordIdentityProvider, LegacyIdentityProvider)
 LOG_IN_HINT = (
     "Open the link your course gave you and log in; programs send "
     "'Authorization: token <token>'."
@@ -390,6 +384,10 @@ class VmStartupHandler(VmHandler):
         if answer["status"] == "retired":
             raise ApiError(410, "This VM was retired by an instructor.")
         self.write_json(answer)
+        if self.client_gone.gone:
+            self.allocator.response_lost(vm["id"])
+        else:
+            self.allocator.response_written(vm["id"], answer)
 
 
 class VmStatusHandler(VmHandler):

@@ -23,6 +23,7 @@ VMS_CSV = "lablink/api/vms.csv"
 VM_ONE = "lablink/api/vms/{hostname}"
 VM_RELEASE = "lablink/api/vms/{hostname}/release"
 EVENTS = "lablink/api/events"
+ENROLLMENT_TOKEN = "lablink/api/enrollment_token"
 ADMIN_PAGE = "lablink/admin"
 
 # Anyone.

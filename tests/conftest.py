@@ -39,16 +39,40 @@ ENROLL_TOKEN = "test-enrollment-token-" + uuid.uuid4().hex
 #: Per-student Jupyter tokens, as JupyterHub gives each user their own.
 STUDENT_TOKENS = {f"tok-{name}": name for name in ["alice", "bob", "carol", "dave", "erin"]}
 STUDENT_TOKENS.update({f"tok-student{n}": f"student{n}" for n in range(100)})
+#: The instructor named in c.LabLink.instructors by the test configuration.
+INSTRUCTOR = "ingrid"
+STUDENT_TOKENS[f"tok-{INSTRUCTOR}"] = INSTRUCTOR
+#: The group whose members are instructors under JupyterHub, in the test configuration.
+INSTRUCTOR_GROUP = "teachers"
+#: Users as JupyterHub's single-user extension sees them: the Hub's user model of each.
+HUB_USERS = {
+    "tok-hubadmin": {"kind": "user", "name": "hubadmin", "admin": True, "groups": []},
+    "tok-tina": {"kind": "user", "name": "tina", "admin": False, "groups": ["physics", INSTRUCTOR_GROUP]},
+    "tok-hubstudent": {"kind": "user", "name": "hubstudent", "admin": False, "groups": ["physics"]},
+}
+
+
+class HubUser(User):
+    """A user carrying the Hub's user model, as jupyterhub.singleuser's JupyterHubUser does."""
+
+    hub_user: dict[str, Any]
+
+    def __init__(self, hub_user: dict[str, Any]) -> None:
+        self.hub_user = hub_user
+        super().__init__(username=hub_user["name"])
 
 
 class StudentsIdentityProvider(PasswordIdentityProvider):
-    """Knows one token per student, so a test server has many users."""
+    """Knows one token per student (and a few Hub users), so a test server has many users."""
 
     async def get_user(self, handler: Any) -> User | None:  # type: ignore[override]
         token = self.get_token(handler)
         if token in STUDENT_TOKENS:
             handler._token_authenticated = True
             return User(STUDENT_TOKENS[token])
+        if token in HUB_USERS:
+            handler._token_authenticated = True
+            return HubUser(HUB_USERS[token])
         return await super().get_user(handler)  # type: ignore[misc,no-any-return]
 
 
@@ -145,6 +169,8 @@ def lablink_config(empty_database: str) -> dict[str, Any]:
         "poll_timeout": 5.0,
         "stale_after": 30.0,
         "enrollment_token": ENROLL_TOKEN,
+        "instructors": [INSTRUCTOR],
+        "instructor_group": INSTRUCTOR_GROUP,
     }
 
 
