@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import ipaddress
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
@@ -50,6 +51,16 @@ def _ago(seconds: float | None) -> str:
     if seconds < 5400:
         return f"{int(seconds // 60)} min"
     return f"{int(seconds // 3600)} h"
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _box(kind: str, text: str = "") -> str:
@@ -123,7 +134,10 @@ class InstructorPanel(widgets.VBox):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._follower: asyncio.Task[None] | None = None
         self._closed = False
-        self._refreshed = asyncio.Event()
+        self._shown = False
+        self._settled = asyncio.Event()  # set once the fleet or an error has been shown
+        # One action at a time: a second click waits instead of racing the first.
+        self._action_lock = asyncio.Lock()
         # The newest event id read before the fleet was last read: the long-poll waits for later ones.
         self._latest_event_id = 0
 
@@ -204,20 +218,16 @@ class InstructorPanel(widgets.VBox):
 
     async def refresh(self) -> None:
         """Read the fleet and the recent events now, and show them."""
-        client = self._require_client()
-        overview, page = await asyncio.gather(
-            asyncio.to_thread(client.call, "GET", routes.VMS),
-            asyncio.to_thread(client.call, "GET", routes.EVENTS, params={"limit": self.recent_events}),
-        )
-        self._show_fleet(overview, page)
+        async with self._action_lock:
+            await self._refresh(self._require_client())
 
     async def ready(self, timeout: float = 30.0) -> bool:
-        """Wait (up to `timeout` s) until the panel has shown the fleet once; whether it has."""
+        """Wait (up to `timeout` s) for the first answer; whether the panel shows the fleet."""
         try:
-            await asyncio.wait_for(self._refreshed.wait(), timeout)
+            await asyncio.wait_for(self._settled.wait(), timeout)
         except asyncio.TimeoutError:
-            return False
-        return True
+            pass
+        return self._shown
 
     def close(self) -> None:
         """Stop following the fleet and close every widget of the panel."""
@@ -258,13 +268,24 @@ class InstructorPanel(widgets.VBox):
 
         return callback
 
+    async def _refresh(self, client: LabLinkClient) -> None:
+        overview, page = await asyncio.to_thread(self._read_fleet, client)
+        self._show_fleet(overview, page)
+
+    def _read_fleet(self, client: LabLinkClient) -> tuple[dict[str, Any], dict[str, Any]]:
+        # Runs in a worker thread: both requests on one client, one after the other.
+        overview = client.call("GET", routes.VMS)
+        page = client.call("GET", routes.EVENTS, params={"limit": self.recent_events})
+        return overview, page
+
     async def _follow(self) -> None:
         """Show the fleet, then refresh it whenever the audit log says something happened."""
+        # This task has a client of its own: a requests session is not shared between threads.
         assert self._poll_client is not None
         delay = 1.0
         while not self._closed:
             try:
-                await self.refresh()
+                await self._refresh(self._poll_client)
                 await asyncio.to_thread(
                     self._poll_client.call, "GET", routes.EVENTS,
                     params={"after": self._latest_event_id, "wait": self.wait, "limit": 1},
@@ -311,7 +332,10 @@ class InstructorPanel(widgets.VBox):
         self.confirm_bar.layout.display = "none"
         if pending is None:
             return
-        action, hostname, held = pending
+        async with self._action_lock:
+            await self._act(*pending)
+
+    async def _act(self, action: str, hostname: str, held: bool) -> None:
         client = self._require_client()
         try:
             if action == "release":
@@ -327,11 +351,15 @@ class InstructorPanel(widgets.VBox):
                 self._show_enrollment(answer)
                 self._notice("The enrollment token was rotated.")
             self._show_error(None)
-            await self.refresh()
+            await self._refresh(client)
         except LabLinkError as exc:
             self._show_error(exc)
 
     async def _register(self) -> None:
+        async with self._action_lock:
+            await self._register_now()
+
+    async def _register_now(self) -> None:
         text = self.hostnames_box.value
         if not text.strip():
             self._show_error(LabLinkError(None, "Type the hostnames to register first, one a line."))
@@ -358,7 +386,7 @@ class InstructorPanel(widgets.VBox):
         self._show_error(None)
         self._notice(f"Registered {len(answer['vms'])} VM(s).")
         try:
-            await self.refresh()
+            await self._refresh(client)
         except LabLinkError as exc:
             self._show_error(exc)
 
@@ -369,7 +397,8 @@ class InstructorPanel(widgets.VBox):
     async def _show_enrollment_token(self) -> None:
         client = self._require_client()
         try:
-            answer = await asyncio.to_thread(client.call, "GET", routes.ENROLLMENT_TOKEN)
+            async with self._action_lock:
+                answer = await asyncio.to_thread(client.call, "GET", routes.ENROLLMENT_TOKEN)
         except LabLinkError as exc:
             self._show_error(exc)
             return
@@ -390,7 +419,8 @@ class InstructorPanel(widgets.VBox):
         self.updated_label.value = (f"{self.counts.get('total', 0)} VMs; updated "
                                     f"{datetime.now().strftime('%H:%M:%S')}")
         self.error_html.value = ""
-        self._refreshed.set()
+        self._shown = True
+        self._settled.set()
 
     def _render_table(self) -> None:
         seen = set()
@@ -436,8 +466,9 @@ class InstructorPanel(widgets.VBox):
         assert self.client is not None
         address = self.client.address
         base = address.url
-        if address.source in ("parent server", "JupyterHub"):
-            # The notebook page came from this same server: a path works whatever host the browser used.
+        if address.source in ("parent server", "JupyterHub") or _is_loopback(address.url):
+            # The kernel's address is not the browser's (a loopback URL, a proxied server): a
+            # path works whatever host the browser used, with the login cookie it has there.
             base = urlparse(address.url).path
         csv_url = html.escape(base + routes.VMS_CSV, quote=True)
         page_url = html.escape(base + routes.ADMIN_PAGE, quote=True)
@@ -462,6 +493,7 @@ class InstructorPanel(widgets.VBox):
         if exc.hint:
             text += f"<br>{html.escape(exc.hint)}"
         self.error_html.value = _box("error", text)
+        self._settled.set()
 
     def _require_client(self) -> LabLinkClient:
         if self.client is None:

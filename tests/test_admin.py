@@ -60,10 +60,6 @@ async def test_auth_matrix(lablink, method, path, body, caller, allowed):
     assert query(lablink.database_url, "SELECT count(*) FROM events") == [(0,)]
 
 
-class _Owner:
-    username = "anyone"
-
-
 class _PlainProvider:
     auth_enabled = True
 
@@ -327,3 +323,63 @@ async def test_admin_page_escapes_what_students_typed(lablink):
     page = await lablink.call("GET", "lablink/admin", user=INSTRUCTOR)
     assert page.code == 200
     assert "<script>alert(2)" not in page.body and "x&#39;);alert(1)" in page.body
+
+
+async def test_every_transition_writes_an_event_without_secrets(lablink):
+    """Walk a VM through every transition; each one adds its event, and none holds a code or PIN."""
+    secrets: list[str] = []
+
+    def newest():
+        return query(lablink.database_url,
+                     "SELECT actor, action, hostname, detail FROM events ORDER BY id DESC LIMIT 1")[0]
+
+    async def assign(user):
+        code = fresh_code()
+        reply = await lablink.request_vm(user, linux_command(code))
+        assert reply.code == 200, reply
+        secrets.extend([code, reply.body["pin"]])
+        return reply.body
+
+    token = await lablink.enroll("lab-t")
+    assert newest() == ("vm:lab-t", "enrolled", "lab-t", None)
+    await lablink.poll("lab-t", token, wait=0)
+    assert newest()[:2] == ("vm:lab-t", "online")
+    await assign("alice")
+    assert newest()[:2] == ("alice", "assigned")
+    work = (await lablink.poll("lab-t", token, wait=0)).body
+    assert newest()[:2] == ("vm:lab-t", "delivered")
+    assert (await lablink.poll("lab-t", token, wait=0)).body["work_id"] == work["work_id"]
+    assert newest()[:2] == ("vm:lab-t", "delivered again")
+    message = "Google rejected the code; get a fresh command and paste it again."
+    assert (await lablink.call("POST", "lablink/api/vm_status", token=token, json_body={
+        "hostname": "lab-t", "status": "failed", "message": message, "work_id": work["work_id"]})).code == 200
+    assert newest() == ("vm:lab-t", "failed", "lab-t", message)
+    await assign("alice")
+    assert newest()[:2] == ("alice", "re-armed with a new code")
+    work = (await lablink.poll("lab-t", token, wait=0)).body
+    assert (await lablink.call("POST", "lablink/api/vm_status", token=token, json_body={
+        "hostname": "lab-t", "status": "active", "work_id": work["work_id"]})).code == 200
+    assert newest()[:2] == ("vm:lab-t", "active")
+    assert (await lablink.call("POST", "lablink/api/release", user="alice")).code == 200
+    assert newest()[:2] == ("alice", "released")
+    assert (await lablink.call("POST", "lablink/api/vm_status", token=token, json_body={
+        "hostname": "lab-t", "status": "available"})).code == 200
+    assert newest()[:2] == ("vm:lab-t", "torn down")
+    await assign("bob")
+    assert (await lablink.call("POST", "lablink/api/vms/lab-t/release", user=INSTRUCTOR, json_body={})).code == 200
+    assert newest() == (INSTRUCTOR, "released", "lab-t", "held by bob")
+    assert (await lablink.call("DELETE", "lablink/api/vms/lab-t", user=INSTRUCTOR)).code == 200
+    assert newest() == (INSTRUCTOR, "retired", "lab-t", None)
+    registered = await lablink.call("POST", "lablink/api/vms", user=INSTRUCTOR, json_body={"hostnames": ["lab-t"]})
+    assert newest() == (INSTRUCTOR, "registered again", "lab-t", None)
+    secrets.append(registered.body["vms"][0]["token"])
+    secrets.append(token)
+
+    # Every status the VM went through, as the history shows, has its events; the raw rows
+    # (and the assignment history) never hold a code, a PIN or a token.
+    assert query(lablink.database_url, "SELECT username, codes, failures, ended_as FROM assignments "
+                 "ORDER BY id") == [("alice", 2, 1, "released"), ("bob", 1, 0, "available")]
+    raw = repr(query(lablink.database_url, "SELECT * FROM events")) + repr(
+        query(lablink.database_url, "SELECT * FROM assignments"))
+    for secret in secrets:
+        assert secret not in raw
