@@ -17,15 +17,18 @@ import psycopg
 import requests
 
 from conftest import fresh_code, linux_command
-from lablink_jupyter.db import Database, token_digest
+from lablink_jupyter.db import Database, migrations_dir, token_digest
 from lablink_jupyter.embedded import start_embedded_postgres
+
+#: Every migration in sql/, in the order they are applied.
+MIGRATIONS = sorted(path.name for path in migrations_dir().glob("[0-9]*.sql"))
 
 
 async def test_embedded_postgres_keeps_everything_across_a_restart(tmp_path):
     data_dir = tmp_path / "lablink-data"
     embedded = start_embedded_postgres(data_dir)
     database = Database(embedded.url)
-    assert await database.migrate() == ["001_vms.sql"]
+    assert await database.migrate() == MIGRATIONS
     await database.open()
     await database.enroll_vm("kept-vm", token_digest("t"))
     await database.close()
@@ -50,7 +53,7 @@ async def test_two_allocators_migrating_at_once_do_not_race(database_url):
     url = psycopg.conninfo.make_conninfo(database_url, dbname=name)
     try:
         results = await asyncio.gather(*(Database(url).migrate() for _ in range(4)))
-        assert sorted(len(r) for r in results) == [0, 0, 0, 1]
+        assert sorted(results, key=len) == [[], [], [], MIGRATIONS]
     finally:
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
