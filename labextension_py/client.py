@@ -151,7 +151,8 @@ class LabLinkClient:
         except ValueError:
             body = None
         if response.status_code >= 400:
-            if response.status_code in (401, 403):
+            recognised = isinstance(body, dict) and body.get("user")
+            if response.status_code in (401, 403) and not recognised:
                 # The server's own hint speaks to a browser; a kernel needs another token.
                 error = body.get("error") if isinstance(body, dict) and body.get("error") else (
                     f"The LabLink server answered {response.status_code}.")

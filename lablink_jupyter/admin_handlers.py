@@ -74,7 +74,8 @@ class InstructorHandler(LabLinkHandler):
             raise ApiError(403, "Log in first.", LOG_IN_HINT)
         if not self.lablink.is_instructor(user, self.identity_provider):
             raise ApiError(403, "Only instructors can manage the fleet.",
-                           f"Ask whoever runs LabLink to add {user.username} to c.LabLink.instructors.")
+                           f"Ask whoever runs LabLink to add {user.username} to c.LabLink.instructors.",
+                           user=str(user.username))
         return str(user.username)
 
     async def fleet_call(self, call: Awaitable[Any]) -> Any:

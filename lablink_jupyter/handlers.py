@@ -47,10 +47,12 @@ FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 class ApiError(web.HTTPError):
     """An error the client can act on: a status, what happened, and what to do."""
 
-    def __init__(self, status: int, error: str, hint: str | None = None) -> None:
+    def __init__(self, status: int, error: str, hint: str | None = None,
+                 user: str | None = None) -> None:
         super().__init__(status, reason=None)
         self.error = error
         self.hint = hint
+        self.user = user  # who the server took the caller for, when that is what the refusal is about
 
 
 def _after_body(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
@@ -235,6 +237,8 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
             body: dict[str, Any] = {"error": exc.error}
             if exc.hint:
                 body["hint"] = exc.hint
+            if exc.user:
+                body["user"] = exc.user
         elif isinstance(exc, web.HTTPError):
             body = {"error": exc.log_message or httputil.responses.get(status_code, "Error")}
         else:

@@ -55,6 +55,8 @@ async def test_auth_matrix(lablink, method, path, body, caller, allowed):
         return
     assert reply.code == 403, reply
     assert reply.body["error"] and reply.body["hint"]
+    # A logged-in caller is told who the server took them for (a kernel then keeps the hint).
+    assert reply.body.get("user") == caller
     # Nothing was written for a refused caller.
     assert query(lablink.database_url, "SELECT count(*) FROM vms") == [(0,)]
     assert query(lablink.database_url, "SELECT count(*) FROM events") == [(0,)]

@@ -532,6 +532,35 @@ def test_a_hub_admin_sees_the_instructor_api_and_a_student_does_not(hub: Hub) ->
     assert erin.get(SERVICE + routes.VMS).status_code == 403
 
 
+# What the instructor's notebook runs: the panel, finding the service by itself.
+INSTRUCTOR_PANEL_FROM_KERNEL = """
+import json
+from labextension_py import InstructorPanel
+panel = InstructorPanel(wait=2)
+shown = await panel.ready()
+print(json.dumps({"shown": shown, "source": panel.client.address.source, "counts": panel.counts,
+                  "hostnames": sorted(vm["hostname"] for vm in panel.vms), "error": panel.error_html.value}))
+panel.close()
+"""
+
+
+@pytest.mark.skipif(not _has_instructor_api(), reason="the instructor API (lablink/api/vms) is not built yet")
+def test_a_hub_admins_kernel_runs_the_instructor_panel_against_the_service(hub: Hub) -> None:
+    teacher = Browser(hub).log_in(ADMIN, ADMIN_PASSWORD)
+    teacher.start_server()
+    teacher.open_server(ADMIN)
+    kernel = teacher.start_kernel(ADMIN)
+    try:
+        # The server's token identifies the teacher to the service, which knows them as a Hub admin.
+        seen = kernel.run_json(INSTRUCTOR_PANEL_FROM_KERNEL)
+    finally:
+        kernel.close()
+    assert seen["shown"] is True, seen["error"]
+    assert seen["source"] == "LABLINK_URL"
+    assert {"hub-vm-1", "hub-vm-2", "hub-vm-3"} <= set(seen["hostnames"])
+    assert seen["counts"]["total"] == len(seen["hostnames"])
+
+
 def _vm_list(body: Any) -> list[dict[str, Any]]:
     return body["vms"] if isinstance(body, dict) else body  # type: ignore[no-any-return]
 
