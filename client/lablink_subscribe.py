@@ -598,6 +598,8 @@ class Subscriber:
         if code == 410:
             log.warning("this VM is retired at the allocator; checking again in %.0f s", RETIRED_WAIT)
             self.announced_waiting = False
+            # Retired while a student held it: their CRD host must not stay registered here.
+            tear_down(self.settings)
             if not self.settings.once:
                 time.sleep(RETIRED_WAIT)
             return False

@@ -346,6 +346,11 @@ class Allocator:
                 f"This is the {other_system[command.variant]} version of the command; that works too: "
                 "only the code in it is used."
             )
+        if assignment.outcome == "moved":
+            notes.append(
+                f"{assignment.moved_from} stopped responding, so you now have {view['hostname']}, "
+                "with a new PIN."
+            )
         if assignment.outcome == "rearmed":
             notes.append("Your VM keeps its PIN and is being set up again with the new code.")
         elif assignment.outcome == "unchanged":
@@ -420,6 +425,14 @@ class Allocator:
                 f"Your code was pasted {int(code_age // 60)} minutes ago and Google's codes expire "
                 "after a few minutes. If setup fails, get a fresh command and paste it again."
             )
+        silent_for = age_seconds(row.get("last_seen_at"), now)
+        if status in HELD and silent_for is not None and silent_for > self.settings.stale_after:
+            remedy = ("release it and ask again" if status == VmStatus.ACTIVE
+                      else "paste a fresh command: you will get another VM")
+            view["warning"] = (
+                f"{row['hostname']} has not checked in for {int(silent_for // 60)} minutes. "
+                f"If you cannot connect, {remedy}, or tell your instructor."
+            )
         return view
 
     # -- the fleet as a whole ---------------------------------------------------------
@@ -429,7 +442,7 @@ class Allocator:
         """What a student whose VM never reported is told."""
         return (
             f"The VM did not respond within {self.settings.configure_timeout:g} seconds. "
-            "Release it and ask again to get another VM."
+            "Paste a fresh command to get another VM."
         )
 
     async def fail_unresponsive(self) -> list[dict[str, Any]]:

@@ -100,7 +100,10 @@ class Assignment:
     """The outcome of a student's request: their VM, and what happened to it."""
 
     vm: dict[str, Any]
-    outcome: str  # "assigned" (a new VM), "rearmed" (a new code for the held VM) or "unchanged"
+    # "assigned" (a new VM), "rearmed" (a new code for the held VM), "unchanged" (the same
+    # code again), or "moved" (the held VM stopped responding; this is another)
+    outcome: str
+    moved_from: str | None = None
 
 
 def code_digest(code: str) -> str:
@@ -374,27 +377,40 @@ class Database:
         # second then finds the VM the first got, instead of racing it for the last free one.
         await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (USER_LOCK_SPACE, user))
         cur = await conn.execute(
-            f"SELECT {PUBLIC_COLUMNS}, code_digest FROM vms WHERE assigned_user = %s FOR UPDATE",
-            (user,),
+            f"SELECT {PUBLIC_COLUMNS}, code_digest,"
+            "  coalesce(last_seen_at > now() - make_interval(secs => %s), false) AS live"
+            " FROM vms WHERE assigned_user = %s FOR UPDATE",
+            (stale_after, user),
         )
         held = await cur.fetchone()
+        moved_from = None
         if held is not None:
             if held["code_digest"] == digest:
                 if held["status"] == VmStatus.FAILED:
                     raise CodeAlreadyUsed()
-                held.pop("code_digest")
+                del held["code_digest"], held["live"]
                 return Assignment(held, "unchanged")
-            cur = await conn.execute(
-                "UPDATE vms SET status = 'assigned', status_changed_at = now(), crd_code = %s,"
-                " code_digest = %s, work_id = work_id + 1, code_received_at = now(),"
-                " delivered_at = NULL, last_error = NULL"
-                f" WHERE id = %s RETURNING {PUBLIC_COLUMNS}",
-                (code, digest, held["id"]),
-            )
-            vm = await cur.fetchone()
-            assert vm is not None
-            await self._event(conn, user, "re-armed with a new code", vm["id"], vm["hostname"])
-            return Assignment(vm, "rearmed")
+            await self._use_code(conn, digest)
+            if not held["live"] and held["status"] != VmStatus.ACTIVE:
+                # Re-arming a VM that stopped polling would only fail again: give the
+                # student a live one, and leave the dead one to tear down if it returns.
+                await self._release_in(conn, held["id"], "released", user,
+                                       "moved: the VM stopped responding")
+                moved_from = held["hostname"]
+            else:
+                cur = await conn.execute(
+                    "UPDATE vms SET status = 'assigned', status_changed_at = now(), crd_code = %s,"
+                    " code_digest = %s, work_id = work_id + 1, code_received_at = now(),"
+                    " delivered_at = NULL, last_error = NULL"
+                    f" WHERE id = %s RETURNING {PUBLIC_COLUMNS}",
+                    (code, digest, held["id"]),
+                )
+                vm = await cur.fetchone()
+                assert vm is not None
+                await self._event(conn, user, "re-armed with a new code", vm["id"], vm["hostname"])
+                return Assignment(vm, "rearmed")
+        else:
+            await self._use_code(conn, digest)
 
         cur = await conn.execute(
             "WITH pick AS ("
@@ -415,8 +431,18 @@ class Database:
         vm = await cur.fetchone()
         if vm is None:
             raise NoVmFree()
-        await self._event(conn, user, "assigned", vm["id"], vm["hostname"])
-        return Assignment(vm, "assigned")
+        await self._event(conn, user, "assigned", vm["id"], vm["hostname"],
+                          f"moved from {moved_from}" if moved_from else None)
+        return Assignment(vm, "moved" if moved_from else "assigned", moved_from)
+
+    async def _use_code(self, conn: psycopg.AsyncConnection[dict[str, Any]], digest: str) -> None:
+        """Record that this code goes to a VM now; CodeAlreadyUsed if one ever had it."""
+        cur = await conn.execute(
+            "INSERT INTO used_codes (digest) VALUES (%s) ON CONFLICT DO NOTHING RETURNING digest",
+            (digest,),
+        )
+        if await cur.fetchone() is None:
+            raise CodeAlreadyUsed()
 
     async def vm_of_user(self, user: str) -> dict[str, Any] | None:
         """The VM `user` holds, if any."""
@@ -433,19 +459,34 @@ class Database:
         one that may have set CRD up is `released` until it reports teardown.
         """
         async with self.transaction() as conn:
-            cur = await conn.execute(
-                "UPDATE vms SET status = CASE WHEN delivered_at IS NULL AND status = 'assigned'"
-                "                             THEN 'available' ELSE 'released' END,"
-                " status_changed_at = now(), assigned_user = NULL, crd_code = NULL, pin = NULL,"
-                " released_at = now()"
-                f" WHERE assigned_user = %s RETURNING {PUBLIC_COLUMNS}",
-                (user,),
-            )
-            row = await cur.fetchone()
-            if row is not None:
-                await self._event(conn, actor or user, "released", row["id"], row["hostname"],
-                                  f"held by {user}" if actor and actor != user else None)
-            return row
+            cur = await conn.execute("SELECT id FROM vms WHERE assigned_user = %s FOR UPDATE", (user,))
+            held = await cur.fetchone()
+            if held is None:
+                return None
+            return await self._release_in(conn, held["id"], "released", actor or user,
+                                          f"held by {user}" if actor and actor != user else None)
+
+    async def _release_in(
+        self,
+        conn: psycopg.AsyncConnection[dict[str, Any]],
+        vm_id: int,
+        action: str,
+        actor: str,
+        detail: str | None,
+    ) -> dict[str, Any]:
+        """Free a held VM inside the caller's transaction, with its event."""
+        cur = await conn.execute(
+            "UPDATE vms SET status = CASE WHEN delivered_at IS NULL AND status = 'assigned'"
+            "                             THEN 'available' ELSE 'released' END,"
+            " status_changed_at = now(), assigned_user = NULL, crd_code = NULL, pin = NULL,"
+            " released_at = now()"
+            f" WHERE id = %s RETURNING {PUBLIC_COLUMNS}",
+            (vm_id,),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        await self._event(conn, actor, action, row["id"], row["hostname"], detail)
+        return row
 
     # -- instructor side ----------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import fresh_code, linux_command, query, until
+from conftest import INSTRUCTOR, fresh_code, linux_command, query, until
 
 
 def _status(lablink, hostname):
@@ -158,3 +158,58 @@ async def test_release_before_delivery_frees_the_vm_at_once(lablink):
     assert (await lablink.call("POST", "lablink/api/release", user="alice")).body["status"] == "available"
     poll = asyncio.ensure_future(lablink.poll("lab-vm-1", token, wait=0.5))
     assert (await poll).body == {"status": "waiting"}
+
+
+async def test_a_code_used_once_is_refused_after_release_too(lablink):
+    for host in ("vm-a", "vm-b"):
+        await lablink.poll(host, await lablink.enroll(host), wait=0)
+    command = linux_command(fresh_code())
+    assert (await lablink.request_vm("alice", command)).code == 200
+    assert (await lablink.call("POST", "lablink/api/release", user="alice")).code == 200
+    for student in ("alice", "bob"):
+        again = await lablink.request_vm(student, command)
+        assert again.code == 409 and "only once" in again.error, (student, again)
+    assert query(lablink.database_url, "SELECT count(*) FROM vms WHERE assigned_user IS NOT NULL") == [(0,)]
+
+
+async def test_refused_request_does_not_use_up_the_code(lablink):
+    command = linux_command(fresh_code())
+    assert (await lablink.request_vm("alice", command)).code == 503  # no VM yet
+    await lablink.poll("vm-a", await lablink.enroll("vm-a"), wait=0)
+    assert (await lablink.request_vm("alice", command)).code == 200  # the same code still works
+
+
+async def test_fresh_code_on_a_dead_vm_moves_the_student_to_a_live_one(lablink):
+    dead_token = await lablink.enroll("vm-dead")
+    await lablink.poll("vm-dead", dead_token, wait=0)
+    first = await lablink.request_vm("alice", linux_command(fresh_code()))
+    assert first.body["hostname"] == "vm-dead"
+    assert (await lablink.poll("vm-dead", dead_token)).body["status"] == "assigned"
+    # vm-dead dies while setting up; vm-live comes up.
+    query(lablink.database_url,
+          "UPDATE vms SET last_seen_at = now() - interval '1 hour' WHERE hostname = 'vm-dead'")
+    view = (await lablink.my_vm("alice")).body
+    assert "has not checked in" in view["warning"]
+    live_token = await lablink.enroll("vm-live")
+    await lablink.poll("vm-live", live_token, wait=0)
+
+    moved = await lablink.request_vm("alice", linux_command(fresh_code()))
+    assert moved.code == 200 and moved.body["hostname"] == "vm-live"
+    assert moved.body["outcome"] == "moved"
+    assert any("vm-dead stopped responding" in note for note in moved.body["notes"])
+    assert (await lablink.poll("vm-live", live_token)).body["status"] == "assigned"
+    # The dead VM tears down if it ever comes back.
+    assert (await lablink.poll("vm-dead", dead_token)).body == {"status": "released"}
+
+
+async def test_retiring_a_held_vm_tears_its_crd_host_down(lablink, vm_factory):
+    vm = vm_factory("lab-vm-1")
+    await until(lambda: _status(lablink, "lab-vm-1") == "available")
+    await lablink.request_vm("alice", linux_command(fresh_code()))
+    await lablink.wait_for_status("alice", "active")
+    assert len(vm.host_configs()) == 1
+    retired = await lablink.call("DELETE", "lablink/api/vms/lab-vm-1", user=INSTRUCTOR,
+                                 params={"force": "1"})
+    assert retired.code == 200, retired
+    await until(lambda: vm.host_configs() == [], within=30)
+    assert vm.calls("chrome-remote-desktop")
