@@ -56,6 +56,9 @@ def normalize_hostname(value: object) -> str:
     """A valid lower-case hostname, or ValueError with what is wrong."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError("hostname is missing")
+    if not value.isascii():
+        # Checked before lower(): some look-alikes lower-case to ASCII (KELVIN SIGN to "k").
+        raise ValueError("hostname may hold only ASCII letters, digits, '-' and '.'")
     hostname = value.strip().lower()
     if not HOSTNAME_RE.match(hostname):
         raise ValueError("hostname may hold only letters, digits, '-' and '.' (at most 253 characters)")

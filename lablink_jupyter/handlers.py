@@ -134,10 +134,13 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
         self.request.body = b"".join(self._chunks)
         content_type = self.request.headers.get("Content-Type", "")
         if content_type.startswith(FORM_TYPES):
-            httputil.parse_body_arguments(
-                content_type, self.request.body, self.request.body_arguments, self.request.files,
-                self.request.headers,
-            )
+            try:
+                httputil.parse_body_arguments(
+                    content_type, self.request.body, self.request.body_arguments, self.request.files,
+                    self.request.headers,
+                )
+            except httputil.HTTPInputError:
+                raise ApiError(400, "The form body is malformed.", "Send a JSON object.") from None
             for name, values in self.request.body_arguments.items():
                 self.request.arguments.setdefault(name, []).extend(values)
         self._xsrf_deferred = False
@@ -195,7 +198,7 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
             raise ApiError(400, "The body is not valid JSON.", "Send a JSON object.") from None
         if not isinstance(value, dict):
             raise ApiError(400, "The body must be a JSON object.", "Send the fields this endpoint takes as one JSON object.")
-        _refuse_nul(value)
+        _refuse_unstorable(value)
         return value
 
     def text_field(self, fields: dict[str, Any], name: str, *, required: bool = True,
@@ -559,18 +562,30 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 NUL_HINT = "Copy the text again from where it came; a NUL character is never part of it."
 
 
-def _refuse_nul(value: Any) -> None:
-    # PostgreSQL text cannot hold NUL; refuse it here with a clear answer.
+def _refuse_unstorable(value: Any) -> None:
+    # PostgreSQL text holds neither NUL nor a lone surrogate (JSON can carry "\\ud800"); refuse
+    # both here with a clear answer instead of failing in the database driver.
     if isinstance(value, str):
         if "\x00" in value:
             raise ApiError(400, "Text fields may not contain NUL characters.", NUL_HINT)
+        if not _is_encodable(value):
+            raise ApiError(400, "Text fields must be valid Unicode (no lone surrogates).",
+                           "Copy the text again from where it came.")
     elif isinstance(value, dict):
         for key, item in value.items():
-            _refuse_nul(key)
-            _refuse_nul(item)
+            _refuse_unstorable(key)
+            _refuse_unstorable(item)
     elif isinstance(value, list):
         for item in value:
-            _refuse_nul(item)
+            _refuse_unstorable(item)
+
+
+def _is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _decode(raw: bytes, name: str) -> str:
