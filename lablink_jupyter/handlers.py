@@ -116,8 +116,9 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
                 raise ApiError(400, "Content-Length is not a number.") from None
             if too_large:
                 raise self._too_large()
-        # Tornado itself cuts the stream past this size, whatever the client claims.
-        self.request.connection.set_max_body_size(self.max_body_bytes + 1)  # type: ignore[union-attr]
+        # A chunked body is counted in data_received, dropped past the limit and answered 413 at
+        # its end. Tornado's max_body_size is left alone: lowered to our limit it answers a bare
+        # 400, and answering early then closing makes the client lose the answer to a reset.
 
     def _too_large(self) -> ApiError:
         return ApiError(413, f"The request body is larger than {self.max_body_bytes} bytes.",
@@ -161,6 +162,7 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
         return super().check_xsrf_cookie()
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()  # ends the wait for a streamed body that will never come
         self.client_gone.set()
 
     # -- reading requests ---------------------------------------------------------
