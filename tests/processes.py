@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -72,6 +72,8 @@ class AllocatorProcess:
     database_url: str
     home: Path
     settings: dict[str, Any] = field(default_factory=dict)
+    server_settings: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
 
@@ -93,11 +95,11 @@ class AllocatorProcess:
         """Start (or start again) the server; returns once it is spawned, not once it is ready."""
         config_dir = self.home / "config"
         config_dir.mkdir(parents=True, exist_ok=True)
-        lablink = {"database_url": self.database_url, **self.settings}
+        lablink = {"database_url": self.database_url, **self.settings} if self.database_url else self.settings
         # Settings (tokens among them) go in a config file, not argv: ps shows argv.
         (config_dir / "jupyter_server_config.json").write_text(json.dumps({
             "ServerApp": {"identity_provider_class": "students.StudentsIdentityProvider",
-                          "port_retries": 0},
+                          "port_retries": 0, **self.server_settings},
             "IdentityProvider": {"token": uuid.uuid4().hex},
             "LabLink": lablink,
         }))
@@ -107,6 +109,7 @@ class AllocatorProcess:
             JUPYTER_CONFIG_DIR=str(config_dir),
             JUPYTER_DATA_DIR=str(self.home / "data"),
             JUPYTER_RUNTIME_DIR=str(self.home / "runtime"),
+            **self.environment,
         )
         program = shutil.which("jupyter-lablink", path=os.path.dirname(sys.executable)) or "jupyter-lablink"
         log = self.log_path.open("ab")
@@ -208,6 +211,24 @@ class AllocatorProcess:
         except ValueError:
             parsed = text
         return Answer(response.code, parsed, response.headers)
+
+
+    async def wait_for_status(self, user: str, wanted: str, within: float = 60) -> dict[str, Any]:
+        """Follow my_vm's long-poll until the student's VM reaches `wanted` (bounded by `within`)."""
+        deadline = time.monotonic() + within
+        view: dict[str, Any] = {"status": "unknown"}
+        while view["status"] != wanted:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{user}'s VM stayed {view['status']!r}, never {wanted!r}: {view}")
+            try:
+                reply = await self.call("GET", f"lablink/api/my_vm?wait=5&known={view['status']}", user=user)
+            except (OSError, HTTPClientError):
+                reply = None
+            if reply is not None and reply.code == 200:
+                view = reply.body
+            else:
+                await asyncio.sleep(0.5)  # the server is down or restarting: ask again
+        return view
 
 
 class IdleCuttingProxy:

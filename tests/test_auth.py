@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from urllib.parse import urlencode
 
@@ -118,3 +119,87 @@ async def test_web_form_post_needs_xsrf_and_works_with_it(lablink):
                              body=urlencode({"crd_command": "hello", "_xsrf": xsrf}))
     assert bad.code == 400 and "not a Chrome Remote Desktop command" in bad.body
 
+
+
+async def test_a_vm_token_cannot_touch_another_vm_that_has_work(lablink):
+    token_a = await lablink.enroll("vm-a")
+    token_b = await lablink.enroll("vm-b")
+    await lablink.poll("vm-b", token_b, wait=0)
+    assert (await lablink.request_vm("alice", linux_command(fresh_code()))).code == 200
+    work = (await lablink.poll("vm-b", token_b)).body
+    assert work["status"] == "assigned"
+    for hostname in ("vm-b", "VM-B", " vm-b "):
+        for path, fields in (("lablink/vm_startup", {}),
+                             ("lablink/api/vm_status", {"status": "failed", "message": "x",
+                                                        "work_id": work["work_id"]}),
+                             ("lablink/api/vm_status", {"status": "active", "work_id": work["work_id"]})):
+            reply = await lablink.call("POST", path, token=token_a, json_body={"hostname": hostname, **fields})
+            assert reply.code == 401, (hostname, path, reply)
+    # Nor can it rotate vm-b's token: only the fleet token enrolls.
+    rotate = await lablink.call("POST", "lablink/api/vms/enroll", token=token_a, json_body={"hostname": "vm-b"})
+    assert rotate.code == 401
+    assert query(lablink.database_url, "SELECT status, work_id FROM vms WHERE hostname = 'vm-b'") == [
+        ("configuring", work["work_id"])]
+    assert (await lablink.poll("vm-b", token_b)).body == work  # vm-b's own token still works
+
+
+async def test_a_vm_token_is_not_a_student_login(lablink):
+    token = await lablink.enroll("vm-a")
+    await lablink.poll("vm-a", token, wait=0)
+    for method, path in (("POST", "lablink/api/request_vm"), ("GET", "lablink/api/my_vm"),
+                         ("POST", "lablink/api/release")):
+        reply = await lablink.call(method, path, token=token, json_body={"crd_command": linux_command(fresh_code())}
+                                   if method == "POST" else None)
+        assert reply.code == 403, (path, reply)
+    assert query(lablink.database_url, "SELECT status FROM vms") == [("available",)]
+
+
+async def _browser_session(lablink):
+    """Log in through Jupyter's login page; the cookies and the form's XSRF value."""
+    page = await lablink.call("GET", "login")
+    cookies = cookies_of(page.headers)
+    login = await lablink.call(
+        "POST", "login", headers={"Cookie": cookie_header(cookies), "Content-Type":
+                                  "application/x-www-form-urlencoded"},
+        body=urlencode({"password": lablink.app.identity_provider.token, "_xsrf": cookies["_xsrf"]}))
+    assert login.code == 302, login
+    cookies.update(cookies_of(login.headers))
+    form = await lablink.call("GET", "lablink/", headers={"Cookie": cookie_header(cookies)})
+    return cookies, re.search(r'name="_xsrf" value="([^"]+)"', form.body).group(1)
+
+
+@pytest.mark.parametrize("content_type,encode", [
+    ("application/json", json.dumps),
+    ("text/plain", json.dumps),  # what a cross-site page can send without a preflight
+    ("application/x-www-form-urlencoded", urlencode),
+])
+async def test_cookie_logins_need_xsrf_for_every_post_and_body_type(lablink, content_type, encode):
+    token = await lablink.enroll("vm-a")
+    await lablink.poll("vm-a", token, wait=0)
+    cookies, xsrf = await _browser_session(lablink)
+    browser = {"Cookie": cookie_header(cookies), "Content-Type": content_type}
+    command = linux_command(fresh_code())
+    forged = await lablink.call("POST", "lablink/api/request_vm", headers=browser,
+                                body=encode({"crd_command": command}))
+    assert forged.code == 403
+    assert query(lablink.database_url, "SELECT status FROM vms") == [("available",)]
+
+    # With the token in the header (what the form's JavaScript and the panel send), it works.
+    asked = await lablink.call("POST", "lablink/api/request_vm", headers={**browser, "X-XSRFToken": xsrf},
+                               body=encode({"crd_command": command}))
+    assert asked.code in (200, 303), asked
+    forged_release = await lablink.call("POST", "lablink/api/release", headers=browser, body=encode({}))
+    assert forged_release.code == 403
+    assert query(lablink.database_url, "SELECT status FROM vms") == [("assigned",)]
+    released = await lablink.call("POST", "lablink/api/release", headers={**browser, "X-XSRFToken": xsrf},
+                                  body=encode({}))
+    assert released.code in (200, 303), released
+
+
+async def test_token_authenticated_form_posts_need_no_xsrf(lablink):
+    token = await lablink.enroll("vm-a")
+    await lablink.poll("vm-a", token, wait=0)
+    reply = await lablink.call("POST", "lablink/api/request_vm", user="alice",
+                               headers={"Content-Type": "application/x-www-form-urlencoded"},
+                               body=urlencode({"crd_command": linux_command(fresh_code())}))
+    assert reply.code == 200 and reply.body["hostname"] == "vm-a", reply
