@@ -48,11 +48,12 @@ class ApiError(web.HTTPError):
     """An error the client can act on: a status, what happened, and what to do."""
 
     def __init__(self, status: int, error: str, hint: str | None = None,
-                 user: str | None = None) -> None:
+                 user: str | None = None, *, retry_after: int | None = None) -> None:
         super().__init__(status, reason=None)
         self.error = error
         self.hint = hint
         self.user = user  # who the server took the caller for, when that is what the refusal is about
+        self.retry_after = retry_after
 
 
 def _after_body(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
@@ -244,6 +245,9 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
                 body["hint"] = exc.hint
             if exc.user:
                 body["user"] = exc.user
+            if exc.retry_after is not None:
+                # Set here: tornado clears every header set before the error was raised.
+                self.set_header("Retry-After", str(exc.retry_after))
         elif isinstance(exc, web.HTTPError):
             body = {"error": exc.log_message or httputil.responses.get(status_code, "Error")}
         else:
@@ -278,8 +282,8 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
             self.set_header("Retry-After", "5")
             raise ApiError(503, "LabLink is starting or stopping.", "Try again in a few seconds.") from None
         except DatabaseUnavailable:
-            self.set_header("Retry-After", "5")
-            raise ApiError(503, "The database is unavailable right now.", "Try again in a few seconds.") from None
+            raise ApiError(503, "The database is unavailable right now.", "Try again in a few seconds.",
+                           retry_after=5) from None
 
     def redirect_to_login(self) -> None:
         """Send the browser to log in, and back here afterwards."""
@@ -442,10 +446,9 @@ class RequestVmHandler(LabLinkHandler):
             except crd.CrdCommandError as exc:
                 raise ApiError(400, exc.message, exc.hint) from None
             except NoVmFree:
-                self.set_header("Retry-After", "60")
                 raise ApiError(503, "No VM is free right now.",
                                "Every VM is in use or still starting. Try again in a minute, "
-                               "or tell your instructor.") from None
+                               "or tell your instructor.", retry_after=60) from None
             except CodeAlreadyUsed:
                 raise ApiError(409, "This code was used already, and each code works only once.",
                                crd.HOW_TO_GET_A_COMMAND) from None

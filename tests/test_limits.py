@@ -194,3 +194,9 @@ async def test_thousands_of_polls_for_one_vm_hold_one_waiter(lablink):
         for answer in answers:
             answer.cancel()
     await until(lambda: listener.waiter_count == 0, within=30)
+
+
+async def test_no_vm_free_says_when_to_come_back(lablink):
+    reply = await lablink.request_vm("alice", linux_command(fresh_code()))
+    assert reply.code == 503 and reply.error == "No VM is free right now."
+    assert reply.headers["Retry-After"] == "60"
