@@ -279,8 +279,8 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
         try:
             return await call
         except AllocatorNotReady:
-            self.set_header("Retry-After", "5")
-            raise ApiError(503, "LabLink is starting or stopping.", "Try again in a few seconds.") from None
+            raise ApiError(503, "LabLink is starting or stopping.", "Try again in a few seconds.",
+                           retry_after=5) from None
         except DatabaseUnavailable:
             raise ApiError(503, "The database is unavailable right now.", "Try again in a few seconds.",
                            retry_after=5) from None

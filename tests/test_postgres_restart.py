@@ -7,6 +7,8 @@ LABLINK_TEST_DATABASE_URL says), so that it can stop it under load.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,11 +42,13 @@ class RestartablePostgres:
 
 
 @pytest.fixture
-def restartable_postgres(tmp_path: Path) -> Iterator[RestartablePostgres]:
-    """A PostgreSQL of this test's own."""
-    server = RestartablePostgres(tmp_path / "own-postgres")
+def restartable_postgres() -> Iterator[RestartablePostgres]:
+    """A PostgreSQL of this test's own (outside pytest's temp tree, as in conftest.postgres_server)."""
+    data_dir = Path(tempfile.mkdtemp(prefix="lablink-restart-postgres-"))
+    server = RestartablePostgres(data_dir)
     yield server
     server.stop()
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture
