@@ -96,9 +96,10 @@ class AllocatorProcess:
         config_dir = self.home / "config"
         config_dir.mkdir(parents=True, exist_ok=True)
         lablink = {"database_url": self.database_url, **self.settings} if self.database_url else self.settings
-        # Settings (tokens among them) go in a config file, not argv: ps shows argv.
+        # Settings (tokens among them) go in a config file, not argv: ps shows argv. The
+        # students' identity provider is the in-process servers' own, from conftest.
         (config_dir / "jupyter_server_config.json").write_text(json.dumps({
-            "ServerApp": {"identity_provider_class": "students.StudentsIdentityProvider",
+            "ServerApp": {"identity_provider_class": "conftest.StudentsIdentityProvider",
                           "port_retries": 0, **self.server_settings},
             "IdentityProvider": {"token": uuid.uuid4().hex},
             "LabLink": lablink,

@@ -9,6 +9,7 @@ one the tables must be exactly as before and the process alive.
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ EXAMPLES = {
     "release": 40,
     "health": 15,
     "raw": 60,
+    "instructor": 80,
 }
 
 STATUSES = {"none", "provisioning", "available", "assigned", "configuring", "active", "failed",
@@ -196,7 +198,8 @@ def fleet(postgres_server: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     """A `jupyter lablink` subprocess with a small fleet in a database of its own."""
     with own_database(postgres_server, "lablink_hostile") as url:
         server = AllocatorProcess(url, tmp_path_factory.mktemp("hostile"), {
-            "enrollment_token": ENROLL_TOKEN, "poll_timeout": 2.0, "stale_after": 3600.0})
+            "enrollment_token": ENROLL_TOKEN, "poll_timeout": 2.0, "stale_after": 3600.0,
+            "instructors": [INSTRUCTOR]})
         server.start()
         try:
             server.ready_blocking()
@@ -494,3 +497,63 @@ def test_malformed_forms_are_refused(fleet: Fleet, body: bytes, content_type: st
     reply = fleet.send("POST", path, body=body, content_type=content_type, auth=auth)
     refused(reply, 400)
     unchanged(fleet, before)
+
+
+# -- instructor routes with a <hostname> in the path ------------------------------------------------
+
+INSTRUCTOR = "erin"  # named in c.LabLink.instructors for this module's server
+
+
+def encoded_path_hostname() -> st.SearchStrategy[str]:
+    """A hostile <hostname> path segment: percent-encoded, or raw with its slashes and dots."""
+    traversal = st.sampled_from(["..", "../vm-b", "..%2Fvm-b", "%2e%2e", "%2e%2e%2fvm-b", "vm-b%2F..%2F..",
+                                 "vm-b/../vm-b", ".%2E/vm-b", "%00", "vm-b%00", "%FF%FE", "%C0%AE%C0%AE",
+                                 "vm-b%0d%0aX-Injected:%201", "vm-b;force=1", "vm-b%3Fforce=1", "vm-b%2F"])
+    encoded = hostile_hostname.filter(lambda h: isinstance(h, str) and 0 < len(h) < 300).map(
+        lambda h: quote_from_bytes(h.encode("utf-8", "surrogatepass"), safe=""))
+    return st.one_of(traversal, encoded)
+
+
+def raw_request(fleet: Fleet, method: str, path: str, body: bytes | None = None) -> tuple[int, str, bytes]:
+    """A request with the path sent exactly as given (requests would resolve '..' first)."""
+    conn = http.client.HTTPConnection("127.0.0.1", fleet.server.port, timeout=30)
+    try:
+        conn.putrequest(method, "/" + path, skip_accept_encoding=True)
+        conn.putheader("Authorization", f"token tok-{INSTRUCTOR}")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body or b"")))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type", ""), response.read()
+    finally:
+        conn.close()
+
+
+def test_instructor_hostname_routes_refuse_hostile_paths(fleet: Fleet) -> None:
+    probe = fleet.send("GET", "lablink/api/vms", auth=f"token tok-{INSTRUCTOR}")
+    if probe.status_code == 404:
+        pytest.skip("the instructor API (issue 4) is not on this branch")
+    before = fleet.snapshot()
+
+    @property_settings("instructor")
+    @given(hostname=encoded_path_hostname(), action=st.sampled_from(["release", "retire", "retire-force", "events"]))
+    def check(hostname: str, action: str) -> None:
+        if action == "release":
+            status, content_type, body = raw_request(fleet, "POST", f"lablink/api/vms/{hostname}/release", b"{}")
+        elif action == "events":
+            status, content_type, body = raw_request(fleet, "GET", f"lablink/api/events?hostname={hostname}")
+        else:
+            force = "?force=1" if action == "retire-force" else ""
+            status, content_type, body = raw_request(fleet, "DELETE", f"lablink/api/vms/{hostname}{force}")
+        if action == "events" and status == 200:
+            # Tornado turns control characters in a query into spaces and strips them: "%00" is no
+            # filter at all, and a read-only listing answers it.
+            assert isinstance(json.loads(body)["events"], list)
+        elif content_type.startswith("text/html"):
+            assert status in (403, 404), (status, body[:300])  # no LabLink route matched: Jupyter's own page
+        else:
+            assert 400 <= status < 500 and content_type.startswith("application/json"), (status, body[:300])
+            assert json.loads(body)["error"]
+        unchanged(fleet, before)
+
+    check()
