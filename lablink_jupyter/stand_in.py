@@ -9,7 +9,7 @@ behave like the real ones where lablink-subscribe can tell the difference:
 
 * ``start-host`` reads stdin to EOF and needs the same PIN (6+ digits) twice
   there, unless given ``--pin=``; it sleeps ``delay`` seconds if that file
-  exists; it exits with the code in ``exit_code`` (printing ``stderr``) if that
+  exists, and waits (at most ten minutes) while a file ``hold`` exists; it exits with the code in ``exit_code`` (printing ``stderr``) if that
   file exists; otherwise it writes ``config/host#<sha1 of --name>.json``.
 * ``chrome-remote-desktop --stop`` only records the call.
 """
@@ -36,6 +36,8 @@ CONFIG_DIR = "config"
 EXIT_CODE_FILE = "exit_code"
 STDERR_FILE = "stderr"
 DELAY_FILE = "delay"
+HOLD_FILE = "hold"
+HOLD_LIMIT = 600.0
 PIN_MESSAGE = "PIN must be at least six digits"
 _PIN_RE = re.compile(r"[0-9]{6,}")
 
@@ -82,6 +84,9 @@ def _start_host(directory: Path, argv: list[str]) -> int:
     delay = _read_optional(directory / DELAY_FILE)
     if delay is not None and delay.strip():
         time.sleep(float(delay))
+    held_until = time.monotonic() + HOLD_LIMIT
+    while (directory / HOLD_FILE).exists() and time.monotonic() < held_until:
+        time.sleep(0.05)
 
     pin = flags.get("pin")
     if pin is None:

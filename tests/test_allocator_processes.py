@@ -50,7 +50,7 @@ async def test_allocator_killed_and_restarted_loses_and_duplicates_nothing(empty
 
         # Bob's VM is in the middle of start-host when the allocator dies: its report must survive.
         for vm in vms.values():
-            vm.crd_dir.joinpath("delay").write_text("4")
+            vm.crd_dir.joinpath("hold").touch()
         bob = await server.call("POST", "lablink/api/request_vm", user="bob",
                                 json_body={"crd_command": linux_command(fresh_code())})
         assert bob.code == 200, bob
@@ -58,7 +58,8 @@ async def test_allocator_killed_and_restarted_loses_and_duplicates_nothing(empty
         await until(lambda: bobs_vm.calls(), within=60)
         server.kill()
         for vm in vms.values():
-            vm.crd_dir.joinpath("delay").unlink()
+            vm.crd_dir.joinpath("hold").unlink()
+        await until(lambda: "retrying the report" in bobs_vm.log(), within=60)  # it found nobody there
 
         await server.start().ready()
         await server.wait_for_status("bob", "active", within=120)
@@ -77,7 +78,6 @@ async def test_allocator_killed_and_restarted_loses_and_duplicates_nothing(empty
             vm.stop()
         server.stop()
 
-    assert "retrying the report" in bobs_vm.log()  # its report outlived the allocator that asked for it
     hostnames = {alice.body["hostname"], bob.body["hostname"], carol.body["hostname"]}
     assert hostnames == set(vms)
     for name, vm in vms.items():
