@@ -142,7 +142,8 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
                     self.request.headers,
                 )
             except httputil.HTTPInputError:
-                raise ApiError(400, "The form body is malformed.", "Send a JSON object.") from None
+                raise ApiError(400, "The form body is malformed.",
+                               "Reload the page and submit the form again; programs send JSON.") from None
             for name, values in self.request.body_arguments.items():
                 self.request.arguments.setdefault(name, []).extend(values)
         self._xsrf_deferred = False

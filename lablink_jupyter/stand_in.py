@@ -9,8 +9,9 @@ behave like the real ones where lablink-subscribe can tell the difference:
 
 * ``start-host`` reads stdin to EOF and needs the same PIN (6+ digits) twice
   there, unless given ``--pin=``; it sleeps ``delay`` seconds if that file
-  exists, and waits (at most ten minutes) while a file ``hold`` exists; it exits with the code in ``exit_code`` (printing ``stderr``) if that
-  file exists; otherwise it writes ``config/host#<sha1 of --name>.json``.
+  exists, and waits (at most ten minutes) while a file ``hold`` exists; it
+  exits with the code in ``exit_code`` (printing ``stderr``) if that file
+  exists; otherwise it writes ``config/host#<sha1 of --name>.json``.
 * ``chrome-remote-desktop --stop`` only records the call.
 """
 

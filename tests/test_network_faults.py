@@ -51,7 +51,7 @@ async def test_a_proxy_cutting_idle_connections_breaks_nothing(lablink, tmp_path
 
         vm.start()
         # Several whole poll windows go through the proxy, each one idle for POLL_WINDOW seconds.
-        await until(lambda: steady.requests >= 5, within=60)
+        await until(lambda: steady.requests >= 4, within=60)
         assert steady.cuts == 0
         # start-host takes longer than the idle cut: the kept-alive connection is cut meanwhile.
         vm.crd_dir.joinpath("delay").write_text(str(IDLE_CUT + 1))
@@ -63,7 +63,7 @@ async def test_a_proxy_cutting_idle_connections_breaks_nothing(lablink, tmp_path
         await until(lambda: query(lablink.database_url,
                                   "SELECT status FROM vms WHERE hostname = 'lab-vm-1'") == [("available",)], within=60)
         polled = steady.requests
-        await until(lambda: steady.requests >= polled + 3, within=60)
+        await until(lambda: steady.requests >= polled + 2, within=60)
     finally:
         vm.stop()
         control.stop()
