@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import fresh_code, until
+from conftest import fresh_code, query, until
 from lablink_jupyter.crd import CODE_RE, REDIRECT_URL
 
 START = "DISPLAY= /opt/google/chrome-remote-desktop/start-host"
@@ -49,7 +49,9 @@ PASTES = [
 
 async def test_pasted_shell_never_reaches_start_host(lablink, vm_factory, tmp_path: Path) -> None:
     vm = vm_factory("lab-vm-1")
-    await until(lambda: lablink.allocator.listener.waiter_count == 1, within=60)
+    # Waiting, and marked available (the poll subscribes first, then marks the VM seen).
+    await until(lambda: lablink.allocator.listener.waiter_count == 1 and query(
+        lablink.database_url, "SELECT status FROM vms") == [("available",)], within=60)
     mark = tmp_path / "pwned"
     pin = None
     delivered = 0

@@ -26,7 +26,9 @@ def lablink_config(lablink_config: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize("dies", ["before it takes the code", "while start-host runs"])
 async def test_a_vm_that_dies_after_assignment_is_reported_and_kept(lablink, vm_factory, dies: str) -> None:
     vm = vm_factory("lab-vm-1")
-    await until(lambda: lablink.allocator.listener.waiter_count == 1, within=60)
+    # Waiting, and marked available (the poll subscribes first, then marks the VM seen).
+    await until(lambda: lablink.allocator.listener.waiter_count == 1 and query(
+        lablink.database_url, "SELECT status FROM vms") == [("available",)], within=60)
     if dies == "before it takes the code":
         vm.kill()
         await until(lambda: lablink.allocator.listener.waiter_count == 0, within=30)
