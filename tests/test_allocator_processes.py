@@ -24,6 +24,11 @@ def vm_processes(names: list[str], root: Path, server_url: str) -> dict[str, VmP
     return vms
 
 
+def available(database_url: str) -> int:
+    """How many VMs are marked available (a poll subscribes first, then marks its VM seen)."""
+    return int(query(database_url, "SELECT count(*) FROM vms WHERE status = 'available'")[0][0])
+
+
 def health_says(server: Any, **expected: Any) -> Any:
     """A check that the server's health answer holds `expected`."""
     async def check() -> bool:
@@ -43,6 +48,7 @@ async def test_allocator_killed_and_restarted_loses_and_duplicates_nothing(empty
         await server.start().ready()
         vms = vm_processes(["vm-1", "vm-2", "vm-3"], tmp_path, server.url)
         await until(health_says(server, vm_polls=3), within=90)
+        await until(lambda: available(empty_database) == 3, within=60)
         alice = await server.call("POST", "lablink/api/request_vm", user="alice",
                                   json_body={"crd_command": linux_command(fresh_code())})
         assert alice.code == 200, alice
@@ -100,6 +106,7 @@ async def test_two_allocators_on_one_database_work_as_one(lablink, tmp_path: Pat
         vm.home.mkdir(parents=True)
         vm.start()
         await until(health_says(other, vm_polls=1), within=60)
+        await until(lambda: available(lablink.database_url) == 1, within=60)
         reply = await lablink.request_vm("alice", linux_command(fresh_code()))
         assert reply.code == 200 and reply.body["hostname"] == "lab-vm-1", reply
         view = await lablink.wait_for_status("alice", "active", within=60)

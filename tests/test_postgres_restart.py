@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import fresh_code, linux_command, until
+from conftest import fresh_code, linux_command, query, until
 from lablink_jupyter.embedded import EmbeddedPostgres, start_embedded_postgres
 
 pytestmark = pytest.mark.slow
@@ -59,6 +59,8 @@ def lablink_config(lablink_config: dict[str, Any], restartable_postgres: Restart
 async def test_postgres_restart_under_load_loses_nothing(lablink, vm_factory, restartable_postgres) -> None:
     vms = {name: vm_factory(name) for name in ("vm-1", "vm-2", "vm-3")}
     await until(_health_says(lablink, vm_polls=3), within=60)
+    await until(lambda: query(restartable_postgres.url, "SELECT count(*) FROM vms WHERE status = 'available'")
+                == [(3,)], within=60)
     first = await lablink.request_vm("alice", linux_command(fresh_code()))
     assert first.code == 200
     await lablink.wait_for_status("alice", "active")

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from conftest import ENROLL_TOKEN, VmProcess, fresh_code, linux_command, until
+from conftest import ENROLL_TOKEN, VmProcess, fresh_code, linux_command, query, until
 from processes import AllocatorProcess
 
 
@@ -57,8 +57,8 @@ async def test_no_secret_in_any_log_payload_or_leftover_row(empty_database: str,
         await server.start().ready()
         vm.start()
         await until(lambda: (vm.home / "state" / "token").exists(), within=60)
-        health = await until(_polling(server), within=60)
-        assert health
+        await until(_polling(server), within=60)
+        await until(lambda: query(empty_database, "SELECT status FROM vms") == [("available",)], within=60)
 
         first, failing, rearm, second = fresh_code(), fresh_code(), fresh_code(), fresh_code()
         secrets.update({"first code": first, "failing code": failing, "re-arm code": rearm,
