@@ -24,6 +24,8 @@ from processes import IdleCuttingProxy
 POLL_WINDOW = 2.0
 IDLE_CUT = 3.0
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def lablink_config(lablink_config: dict[str, Any]) -> dict[str, Any]:
