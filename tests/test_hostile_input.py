@@ -279,7 +279,8 @@ def test_enroll_refuses_every_hostile_body(fleet: Fleet) -> None:
 
 def test_vm_startup_refuses_every_hostile_body(fleet: Fleet) -> None:
     before = fleet.snapshot()
-    hostile_wait = json_values.filter(not_a_poll_window)
+    # null is no wait at all (a real poll), so it is not among the hostile ones.
+    hostile_wait = json_values.filter(lambda w: w is not None and not_a_poll_window(w))
     fields = st.one_of(
         st.builds(lambda junk, h: {**junk, "hostname": h}, junk_fields, hostile_hostname),
         st.builds(lambda h: {"hostname": h}, st.sampled_from(["vm-b", "vm-c", "vm-zzz", "VM-B"])),
@@ -557,3 +558,15 @@ def test_instructor_hostname_routes_refuse_hostile_paths(fleet: Fleet) -> None:
         unchanged(fleet, before)
 
     check()
+
+
+@pytest.mark.parametrize("depth", [900, 950, 980, 990, 995, 999, 1000, 1500])
+@pytest.mark.parametrize("container", ["list", "object"])
+def test_nesting_at_the_parsers_limit_is_refused(fleet: Fleet, depth: int, container: str) -> None:
+    before = fleet.snapshot()
+    opening, closing = (b"[", b"]") if container == "list" else (b'{"a": ', b"}")
+    body = b'{"hostname": ' + opening * depth + b"1" + closing * depth + b"}"
+    reply = fleet.send("POST", "lablink/vm_startup", body=body, content_type="application/json",
+                       auth="Bearer " + fleet.tokens["vm-a"])
+    refused(reply, 400, 413)
+    unchanged(fleet, before)
