@@ -18,7 +18,7 @@ PROXY := .cache/node/node_modules/.bin/configurable-http-proxy
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -48,6 +48,10 @@ class NotAuthorized(Exception):
     """The presented token does not belong to this VM (or to the fleet)."""
 
 
+class _StaleCredentials(Exception):
+    """A poll's token (or the VM's id) no longer matches the row: check it the slow way."""
+
+
 class EnrollmentClosed(Exception):
     """Enrollment was attempted but no fleet token is in effect."""
 
@@ -78,9 +82,11 @@ def new_token() -> str:
 class ClientGone:
     """Tells long-polls that their HTTP client went away, so they stop waiting at once."""
 
+    __slots__ = ("gone", "_watching")
+
     def __init__(self) -> None:
         self.gone = False
-        self._watching: set[Subscription] = set()
+        self._watching: list[Subscription] = []
 
     def set(self) -> None:
         """The client disconnected."""
@@ -90,14 +96,16 @@ class ClientGone:
 
     def watch(self, subscription: Subscription) -> None:
         """Interrupt `subscription` if the client goes."""
-        self._watching.add(subscription)
+        if subscription not in self._watching:
+            self._watching.append(subscription)
 
     def unwatch(self, subscription: Subscription) -> None:
         """Stop watching `subscription`."""
-        self._watching.discard(subscription)
+        if subscription in self._watching:
+            self._watching.remove(subscription)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Poll:
     """One VM's long-poll in progress; a newer poll for the same VM replaces it."""
 
@@ -128,6 +136,8 @@ class Allocator:
         self._db: Database | None = None
         self._listener: NotificationListener | None = None
         self._polls: dict[int, _Poll] = {}
+        # hostname -> id, learnt from a VM's first successful token check (ids never change).
+        self._vm_ids: dict[str, int] = {}
         self._enrollment_token = settings.enrollment_token
         # Work handed to a VM, by VM id: (work_id, seconds from the request to the read, read time).
         self._wakeups: dict[int, tuple[int, float, float]] = {}
@@ -218,9 +228,13 @@ class Allocator:
         await self.db.enroll_vm(hostname, token_digest(token))
         return token
 
-    async def authenticate_vm(self, hostname: str, presented: str) -> dict[str, Any]:
-        """The VM's row if `presented` is its token; NotAuthorized otherwise."""
-        row = await self.db.vm_credentials(hostname)
+    async def authenticate_vm(self, hostname: str, presented: str, *, background: bool = False) -> dict[str, Any]:
+        """The VM's row if `presented` is its token; NotAuthorized otherwise.
+
+        `background`: for a poll, which queues behind students' work (see Database.background).
+        """
+        async with self.db.background if background else contextlib.nullcontext():
+            row = await self.db.vm_credentials(hostname)
         expected = row["token_hash"] if row else None
         # Compare digests in constant time, and do the same work whether or not the VM exists.
         if not hmac.compare_digest(token_digest(presented).encode(), (expected or "-" * 64).encode()):
@@ -230,13 +244,36 @@ class Allocator:
             raise VmRetired(hostname)
         return row
 
+    async def poll(
+        self, hostname: str, presented: str, client_gone: ClientGone | None = None, window: float | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """The VM's id and next instruction (see wait_for_work), if `presented` is its token.
+
+        NotAuthorized or VmRetired otherwise. Once a hostname's id is known, the
+        token is checked by the poll's first read itself, saving a round trip on
+        every poll; a token rotated meanwhile fails that read, and the slow path
+        decides.
+        """
+        digest = token_digest(presented)
+        vm_id = self._vm_ids.get(hostname)
+        if vm_id is not None:
+            try:
+                return vm_id, await self.wait_for_work(vm_id, client_gone, window, token_hash=digest)
+            except _StaleCredentials:
+                del self._vm_ids[hostname]
+        row = await self.authenticate_vm(hostname, presented, background=True)
+        vm_id = self._vm_ids[hostname] = row["id"]
+        return vm_id, await self.wait_for_work(vm_id, client_gone, window)
+
     async def wait_for_work(
-        self, vm_id: int, client_gone: ClientGone | None = None, window: float | None = None
+        self, vm_id: int, client_gone: ClientGone | None = None, window: float | None = None,
+        *, token_hash: str | None = None,
     ) -> dict[str, Any]:
         """The VM's next instruction: its work, a release, or `waiting` once the window ends.
 
         LISTEN first, then read the row, then wait: a student's request
-        committed at any moment is either seen by the read or notified.
+        committed at any moment is either seen by the read or notified. With
+        `token_hash`, the first read checks it (_StaleCredentials if it fails).
         """
         loop = asyncio.get_running_loop()
         window = self.settings.poll_timeout if window is None else min(window, self.settings.poll_timeout)
@@ -245,37 +282,37 @@ class Allocator:
         subscription = await self.listener.subscribe(vm_channel(vm_id), timeout=min(5.0, window))
         client_gone.watch(subscription)
         metrics.VM_POLLS_WAITING.inc()
-        poll = _Poll(subscription)
-        previous = self._polls.get(vm_id)
-        self._polls[vm_id] = poll
-        if previous is not None:
-            # One poll per VM: a newer one means the old connection is dead or duplicated.
-            previous.superseded = True
-            previous.subscription.interrupt()
+        poll: _Poll | None = None
         try:
-            while True:
-                row = await self.db.poll_vm(vm_id)
-                if row is None:
-                    return {"status": "retired"}
-                answer = self._instruction(row)
-                if answer is not None:
-                    if row["previous_status"] == VmStatus.ASSIGNED and row["seconds_since_code"] is not None:
-                        self._wakeups[vm_id] = (row["work_id"], row["seconds_since_code"], loop.time())
-                    return answer
+            answer = await self._collect(vm_id, background=True, token_hash=token_hash)
+            # One poll per VM: a newer one means the old connection is dead or duplicated.
+            # Replaced only now, so that a request with a wrong token replaces nothing.
+            poll = _Poll(subscription)
+            previous = self._polls.get(vm_id)
+            self._polls[vm_id] = poll
+            if previous is not None:
+                previous.superseded = True
+                previous.subscription.interrupt()
+            while answer is None:
                 remaining = deadline - loop.time()
                 if remaining <= 0 or poll.superseded or client_gone.gone:
                     return {"status": "waiting"}
                 if not subscription.listening:
                     # Notifications are down: re-read now and then, so nothing waits a whole window.
                     remaining = min(remaining, self.settings.recheck_interval)
-                await subscription.wait(remaining)
+                woken = await subscription.wait(remaining)
                 if poll.superseded or client_gone.gone:
                     return {"status": "waiting"}
+                if not woken and loop.time() >= deadline:
+                    # The window ended with no change notified; the VM's next poll reads the row.
+                    return {"status": "waiting"}
+                answer = await self._collect(vm_id, background=not woken)
+            return answer
         finally:
             metrics.VM_POLLS_WAITING.dec()
             client_gone.unwatch(subscription)
             subscription.close()
-            if self._polls.get(vm_id) is poll:
+            if poll is not None and self._polls.get(vm_id) is poll:
                 del self._polls[vm_id]
 
     def response_written(self, vm_id: int, answer: dict[str, Any]) -> None:
@@ -295,6 +332,27 @@ class Allocator:
     def response_lost(self, vm_id: int) -> None:
         """The VM's answer could not be written (it went away); forget its timing."""
         self._wakeups.pop(vm_id, None)
+
+    async def _collect(self, vm_id: int, background: bool, token_hash: str | None = None) -> dict[str, Any] | None:
+        """Mark the VM seen and return its instruction, if it has one.
+
+        A read after a notification is a delivery a student waits for; any other read
+        only keeps the VM waiting and goes in the background. A function of its own
+        so that the row is not kept while the poll waits.
+        """
+        async with self.db.background if background else contextlib.nullcontext():
+            if token_hash is None:
+                row = await self.db.poll_vm(vm_id)
+            else:
+                row = await self.db.poll_vm(vm_id, token_hash=token_hash)
+        if row is None:
+            if token_hash is not None:
+                raise _StaleCredentials()
+            return {"status": "retired"}
+        answer = self._instruction(row)
+        if answer is not None and row["previous_status"] == VmStatus.ASSIGNED and row["seconds_since_code"] is not None:
+            self._wakeups[vm_id] = (row["work_id"], row["seconds_since_code"], asyncio.get_running_loop().time())
+        return answer
 
     def _instruction(self, row: dict[str, Any]) -> dict[str, Any] | None:
         status = row["status"]

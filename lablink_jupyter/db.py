@@ -7,8 +7,11 @@ half-written.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,6 +29,10 @@ from .statuses import VmStatus
 
 #: How pooled connections show in pg_stat_activity.
 APPLICATION_NAME = "lablink-pool"
+
+#: A pooled connection in use less than this many seconds ago is handed out as is; one idle
+#: longer is first checked with a round trip (it may have died with the server meanwhile).
+TRUSTED_AFTER_USE = 1.0
 
 #: Key of the advisory lock that serialises migrations across allocator processes.
 MIGRATION_LOCK_KEY = 0x4C41424C494E4B  # "LABLINK"
@@ -46,6 +53,38 @@ PUBLIC_COLUMNS_OF_VMS = ", ".join(f"vms.{c}" for c in _PUBLIC)
 _STALE = (
     "(status NOT IN ('provisioning', 'retired')"
     " AND (last_seen_at IS NULL OR last_seen_at < now() - make_interval(secs => %(stale_after)s)))"
+)
+
+
+#: Give a student a free VM, record the code as used and log it, in one statement. FOR UPDATE
+#: SKIP LOCKED: two requests never claim the same VM. Nothing is assigned to a student who
+#: already holds a VM, nor with a code used before. The student's advisory lock is taken first
+#: (a one-time subquery) and held to the commit, so a second request of theirs (see
+#: _assign_in) waits for this one and then finds its VM.
+_ASSIGN_FREE_VM = (
+    "WITH pick AS ("
+    "  SELECT id FROM vms"
+    "  WHERE (SELECT true FROM pg_advisory_xact_lock(%(lock_space)s, hashtext(%(user)s)))"
+    "    AND status = 'available'"
+    "    AND last_seen_at > now() - make_interval(secs => %(stale_after)s)"
+    "    AND NOT EXISTS (SELECT 1 FROM vms AS held WHERE held.assigned_user = %(user)s)"
+    "  ORDER BY last_seen_at DESC"
+    "  LIMIT 1"
+    "  FOR UPDATE OF vms SKIP LOCKED),"
+    " used AS ("
+    "  INSERT INTO used_codes (digest) SELECT %(digest)s FROM pick"
+    "  ON CONFLICT DO NOTHING RETURNING digest),"
+    " assigned AS ("
+    "  UPDATE vms SET status = 'assigned', status_changed_at = now(),"
+    "   assigned_user = %(user)s, crd_code = %(code)s, code_digest = %(digest)s,"
+    "   pin = %(pin)s, work_id = vms.work_id + 1, assigned_at = now(),"
+    "   code_received_at = now(), delivered_at = NULL, active_at = NULL,"
+    "   failed_at = NULL, released_at = NULL, last_error = NULL"
+    f"  FROM pick, used WHERE vms.id = pick.id RETURNING {PUBLIC_COLUMNS_OF_VMS}),"
+    " logged AS ("
+    "  INSERT INTO events (actor, action, vm_id, hostname)"
+    "  SELECT %(user)s, 'assigned', id, hostname FROM assigned)"
+    " SELECT * FROM assigned"
 )
 
 
@@ -142,6 +181,11 @@ class Database:
         self.conninfo = conninfo
         self.log = log or logging.getLogger(__name__)
         self.connect_timeout = connect_timeout
+        self._last_used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        #: Held around queries that only keep a VM waiting (a poll's token check and first read):
+        #: they take at most this share of the pool and queue here, without the pool's time limit,
+        #: so a herd of polls neither fails for waiting nor stands between a student and a VM.
+        self.background = asyncio.Semaphore(max(1, pool_size - 1))
         self.pool = AsyncConnectionPool(
             conninfo,
             min_size=1,
@@ -150,9 +194,14 @@ class Database:
             open=False,
             timeout=connect_timeout,
             # A connection that died with the server is found and replaced before use.
-            check=AsyncConnectionPool.check_connection,
+            check=self._check_if_idle,
             reconnect_timeout=0,  # keep trying to reconnect for as long as the process lives
         )
+
+    async def _check_if_idle(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Check a connection before use unless it was just in use (under load, no extra round trips)."""
+        if time.monotonic() - self._last_used.get(conn, float("-inf")) > TRUSTED_AFTER_USE:
+            await AsyncConnectionPool.check_connection(conn)
 
     async def open(self) -> None:
         """Open the pool, waiting until one connection works."""
@@ -167,7 +216,10 @@ class Database:
         """A pooled connection; connection failures become DatabaseUnavailable."""
         try:
             async with self.pool.connection() as conn:
-                yield conn
+                try:
+                    yield conn
+                finally:
+                    self._last_used[conn] = time.monotonic()
         except (PoolTimeout, psycopg.OperationalError) as exc:
             raise _unavailable(exc) from exc
 
@@ -260,18 +312,21 @@ class Database:
             )
             return await cur.fetchone()
 
-    async def poll_vm(self, vm_id: int) -> dict[str, Any] | None:
+    async def poll_vm(self, vm_id: int, token_hash: str | None = None) -> dict[str, Any] | None:
         """Record that the VM polled and collect its work, in one statement.
 
         A provisioning VM becomes available; work waiting for it (assigned)
         moves to configuring and is returned with the code. Work already
         delivered (configuring) is returned again: the earlier answer may have
-        gone into a dead socket, and only the VM's report ends it.
+        gone into a dead socket, and only the VM's report ends it. With
+        `token_hash`, nothing happens (None) unless it is the VM's: the poll's
+        token check and its first read are one round trip.
         """
         async with self.connection() as conn:
             # One statement: the state change and its audit event commit together.
             cur = await conn.execute(
-                "WITH before AS (SELECT id, status FROM vms WHERE id = %s FOR UPDATE),"
+                "WITH before AS (SELECT id, status FROM vms WHERE id = %(id)s"
+                "  AND (%(token_hash)s::text IS NULL OR token_hash = %(token_hash)s) FOR UPDATE),"
                 " polled AS ("
                 "  UPDATE vms SET last_seen_at = now(),"
                 "   status = CASE vms.status WHEN 'provisioning' THEN 'available'"
@@ -292,49 +347,48 @@ class Database:
                 "   id, hostname"
                 "  FROM polled WHERE previous_status IN ('provisioning', 'assigned', 'configuring'))"
                 " SELECT * FROM polled",
-                (vm_id,),
+                {"id": vm_id, "token_hash": token_hash},
             )
             return await cur.fetchone()
 
     async def report_vm_status(
         self, vm_id: int, status: VmStatus, message: str | None, work_id: int | None
     ) -> dict[str, Any] | None:
-        """Apply the VM's own report; None if it no longer applies (stale work, released VM)."""
-        async with self.transaction() as conn:
-            if status is VmStatus.AVAILABLE:
-                # Teardown finished: only a released VM returns to the pool.
-                cur = await conn.execute(
-                    "UPDATE vms SET status = 'available', status_changed_at = now(), code_digest = NULL"
-                    " WHERE id = %s AND status = 'released'"
-                    f" RETURNING {PUBLIC_COLUMNS}",
-                    (vm_id,),
-                )
-                action = "torn down"
-            else:
-                timestamp = sql.Identifier("active_at" if status is VmStatus.ACTIVE else "failed_at")
-                query = sql.SQL(
-                    "UPDATE vms SET status = %(status)s, status_changed_at = now(), {ts} = now(),"
-                    " crd_code = NULL, last_error = %(message)s"
-                    " WHERE id = %(id)s AND status IN ('assigned', 'configuring')"
-                    " AND (%(work_id)s::bigint IS NULL OR work_id = %(work_id)s)"
-                    " AND (%(work_id)s::bigint IS NOT NULL OR status = 'configuring')"
-                    " RETURNING " + PUBLIC_COLUMNS
-                ).format(ts=timestamp)
-                cur = await conn.execute(
-                    query,
-                    {
-                        "status": status.value,
-                        "message": message if status is VmStatus.FAILED else None,
-                        "id": vm_id,
-                        "work_id": work_id,
-                    },
-                )
-                action = status.value
-            row = await cur.fetchone()
-            if row is not None:
-                await self._event(conn, f"vm:{row['hostname']}", action, row["id"], row["hostname"],
-                                  message if status is VmStatus.FAILED else None)
-            return row
+        """Apply the VM's own report; None if it no longer applies (stale work, released VM).
+
+        One statement, its audit event included: atomic without a transaction around it.
+        """
+        if status is VmStatus.AVAILABLE:
+            # Teardown finished: only a released VM returns to the pool.
+            change = sql.SQL(
+                "UPDATE vms SET status = 'available', status_changed_at = now(), code_digest = NULL"
+                " WHERE id = %(id)s AND status = 'released'"
+            )
+            action = "torn down"
+        else:
+            timestamp = sql.Identifier("active_at" if status is VmStatus.ACTIVE else "failed_at")
+            change = sql.SQL(
+                "UPDATE vms SET status = %(status)s, status_changed_at = now(), {ts} = now(),"
+                " crd_code = NULL, last_error = %(message)s"
+                " WHERE id = %(id)s AND status IN ('assigned', 'configuring')"
+                " AND (%(work_id)s::bigint IS NULL OR work_id = %(work_id)s)"
+                " AND (%(work_id)s::bigint IS NOT NULL OR status = 'configuring')"
+            ).format(ts=timestamp)
+            action = status.value
+        query = sql.SQL(
+            "WITH changed AS ({change} RETURNING {columns}),"
+            " logged AS ("
+            "  INSERT INTO events (actor, action, vm_id, hostname, detail)"
+            "  SELECT 'vm:' || hostname, %(action)s, id, hostname, %(detail)s FROM changed)"
+            " SELECT * FROM changed"
+        ).format(change=change, columns=sql.SQL(PUBLIC_COLUMNS))
+        detail = message if status is VmStatus.FAILED else None
+        async with self.connection() as conn:
+            cur = await conn.execute(query, {
+                "status": status.value, "message": detail, "id": vm_id, "work_id": work_id,
+                "action": action, "detail": detail,
+            })
+            return await cur.fetchone()
 
     # -- student side -----------------------------------------------------------------
 
@@ -351,6 +405,12 @@ class Database:
         digest = code_digest(code)
         for _attempt in range(3):
             try:
+                # Most requests are a student's first: one statement, one round trip. Only a
+                # student who holds a VM (or finds none free) needs the transaction below.
+                async with self.connection() as conn:
+                    vm = await self._assign_free_vm(conn, user, code, digest, pin, stale_after)
+                if vm is not None:
+                    return Assignment(vm, "assigned")
                 async with self.transaction() as conn:
                     return await self._assign_in(conn, user, code, digest, pin, stale_after)
             except errors.UniqueViolation as exc:
@@ -443,6 +503,27 @@ class Database:
         )
         if await cur.fetchone() is None:
             raise CodeAlreadyUsed()
+
+    async def _assign_free_vm(
+        self,
+        conn: psycopg.AsyncConnection[dict[str, Any]],
+        user: str,
+        code: str,
+        digest: str,
+        pin: str,
+        stale_after: float,
+    ) -> dict[str, Any] | None:
+        """Give `user` a free VM, record the code as used and log it, in one statement.
+
+        None if none is free, they hold one, or the code was used before: the
+        transaction in _assign_in then decides which.
+        """
+        cur = await conn.execute(
+            _ASSIGN_FREE_VM,
+            {"stale_after": stale_after, "user": user, "code": code, "digest": digest, "pin": pin,
+             "lock_space": USER_LOCK_SPACE},
+        )
+        return await cur.fetchone()
 
     async def vm_of_user(self, user: str) -> dict[str, Any] | None:
         """The VM `user` holds, if any."""

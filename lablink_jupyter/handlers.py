@@ -134,6 +134,7 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
         if self._body_size > self.max_body_bytes:
             raise self._too_large()
         self.request.body = b"".join(self._chunks)
+        self._chunks = []
         content_type = self.request.headers.get("Content-Type", "")
         if content_type.startswith(FORM_TYPES):
             try:
@@ -193,7 +194,7 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
             return {}
         try:
             text = body.decode("utf-8")
-            value = json.loads(text, object_pairs_hook=_unique_keys)
+            value = _JSON.decode(text)
         except UnicodeDecodeError:
             raise ApiError(400, "The body is not UTF-8.", "Send a JSON object.") from None
         except _DuplicateKey as exc:
@@ -386,22 +387,34 @@ class VmStartupHandler(VmHandler):
 
     @allow_unauthenticated
     async def post(self) -> None:
+        hostname, token, window = self._poll_request()
+        try:
+            vm_id, answer = await self._run(self.allocator.poll(hostname, token, self.client_gone, window))
+        except NotAuthorized:
+            raise ApiError(401, "This token does not belong to that VM.",
+                           "Enroll the VM again with the fleet enrollment token.") from None
+        except VmRetired:
+            raise ApiError(410, "This VM was retired by an instructor.",
+                           "An instructor must register it again before it can be used.") from None
+        if answer["status"] == "retired":
+            raise ApiError(410, "This VM was retired by an instructor.",
+                           "An instructor must register it again before it can be used.")
+        self.write_json(answer)
+        if self.client_gone.gone:
+            self.allocator.response_lost(vm_id)
+        else:
+            self.allocator.response_written(vm_id, answer)
+
+    def _poll_request(self) -> tuple[str, str, float | None]:
+        """The polling VM's hostname and token, and the window it asks for (the body is not kept)."""
         fields = self.body_fields()
-        vm = await self.authenticated_vm(fields)
+        hostname = self.hostname_field(fields)
+        token = self.bearer_token()
         window = fields.get("wait")
         if window is not None and (isinstance(window, bool) or not isinstance(window, (int, float))
                                    or not 0 <= window <= 3600):
             raise ApiError(400, "The field 'wait' must be a number of seconds.")
-        answer = await self._run(
-            self.allocator.wait_for_work(vm["id"], self.client_gone, window)
-        )
-        if answer["status"] == "retired":
-            raise ApiError(410, "This VM was retired by an instructor.")
-        self.write_json(answer)
-        if self.client_gone.gone:
-            self.allocator.response_lost(vm["id"])
-        else:
-            self.allocator.response_written(vm["id"], answer)
+        return hostname, token, window
 
 
 class VmStatusHandler(VmHandler):
@@ -566,6 +579,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 NUL_HINT = "Copy the text again from where it came; a NUL character is never part of it."
+
+# One decoder for every request: json.loads with a hook would build a new one each call.
+_JSON = json.JSONDecoder(object_pairs_hook=_unique_keys)
 
 
 def _refuse_unstorable(value: Any) -> None:

@@ -121,11 +121,17 @@ class NotificationListener:
         self.ping_interval = ping_interval
         self.max_backoff = max_backoff
         self.connect_timeout = connect_timeout
-        self._subscribers: dict[str, set[Subscription]] = {}
+        # Lists, not sets: nearly every channel has one waiter, and ten thousand sets cost megabytes.
+        self._subscribers: dict[str, list[Subscription]] = {}
+        # Kept up to date as waiters come and go, so that one change costs the same with ten or
+        # ten thousand channels: those LISTENed without waiters (oldest first, UNLISTENed once
+        # idle for unlisten_delay), and those with waiters not LISTENed yet.
         self._idle_since: dict[str, float] = {}
+        self._to_listen: set[str] = set()
         self._listening: set[str] = set()
         self._confirmations: dict[str, list[asyncio.Future[None]]] = {}
         self._reconcile_needed = asyncio.Event()
+        self._expiry: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._connected = False
         self.reconnects = 0
@@ -139,10 +145,15 @@ class NotificationListener:
         is notified to it; the caller reads its row only after subscribing.
         """
         subscription = Subscription(self, channel)
-        self._subscribers.setdefault(channel, set()).add(subscription)
-        self._idle_since.pop(channel, None)
+        subscribers = self._subscribers.get(channel)
+        if subscribers is None:
+            self._subscribers[channel] = [subscription]
+            self._idle_since.pop(channel, None)
+        else:
+            subscribers.append(subscription)
         if self.is_listening(channel):
             return subscription
+        self._to_listen.add(channel)
         confirmed = asyncio.get_running_loop().create_future()
         self._confirmations.setdefault(channel, []).append(confirmed)
         self._reconcile_needed.set()
@@ -177,13 +188,29 @@ class NotificationListener:
 
     def _remove(self, subscription: Subscription) -> None:
         subscriptions = self._subscribers.get(subscription.channel)
-        if subscriptions is None:
+        if subscriptions is None or subscription not in subscriptions:
             return
-        subscriptions.discard(subscription)
+        subscriptions.remove(subscription)
         if not subscriptions:
-            del self._subscribers[subscription.channel]
-            self._idle_since[subscription.channel] = time.monotonic()
-            self._reconcile_needed.set()
+            channel = subscription.channel
+            del self._subscribers[channel]
+            if channel in self._listening:
+                self._idle_since[channel] = time.monotonic()
+                self._schedule_expiry()
+            else:
+                self._to_listen.discard(channel)
+                _resolve_all(self._confirmations.pop(channel, ()))
+
+    def _schedule_expiry(self) -> None:
+        # One timer, for the channel idle longest; the reconcile it triggers schedules the next.
+        if self._expiry is None and self._idle_since:
+            oldest = next(iter(self._idle_since.values()))
+            delay = max(0.0, oldest + self.unlisten_delay - time.monotonic())
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = None
+        self._reconcile_needed.set()
 
     # -- life cycle -------------------------------------------------------------
 
@@ -200,6 +227,9 @@ class NotificationListener:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._connected = False
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         self.wake_all()
 
     async def _run(self) -> None:
@@ -221,7 +251,10 @@ class NotificationListener:
                 continue
             try:
                 async with conn:
+                    # A new connection listens on nothing: LISTEN on every channel with waiters.
                     self._listening = set()
+                    self._idle_since.clear()
+                    self._to_listen = set(self._subscribers)
                     await self._reconcile(conn)
                     self._connected = True
                     if self.reconnects:
@@ -271,31 +304,39 @@ class NotificationListener:
     async def _reconcile(self, conn: psycopg.AsyncConnection[object]) -> None:
         """LISTEN on channels that gained waiters, UNLISTEN those idle long enough, in one round trip."""
         self._reconcile_needed.clear()
-        wanted = set(self._subscribers)
+        to_listen = sorted(c for c in self._to_listen if c in self._subscribers and c not in self._listening)
+        self._to_listen.clear()
         now = time.monotonic()
-        to_listen = sorted(wanted - self._listening)
         to_unlisten = []
-        next_expiry = None
-        for channel in self._listening - wanted:
-            idle_for = now - self._idle_since.get(channel, now)
-            if idle_for >= self.unlisten_delay:
-                to_unlisten.append(channel)
-            else:
-                remaining = self.unlisten_delay - idle_for
-                next_expiry = remaining if next_expiry is None else min(next_expiry, remaining)
+        for channel, since in self._idle_since.items():  # oldest first
+            if now - since < self.unlisten_delay:
+                break
+            to_unlisten.append(channel)
+        for channel in to_unlisten:
+            del self._idle_since[channel]
+        # Before the round trip: a waiter arriving meanwhile must not count on these.
+        self._listening.difference_update(to_unlisten)
         if to_listen or to_unlisten:
             await conn.execute(_statements(to_listen, to_unlisten))
             self._listening.update(to_listen)
-            self._listening.difference_update(to_unlisten)
-            for channel in to_unlisten:
-                self._idle_since.pop(channel, None)
-        if next_expiry is not None:
-            asyncio.get_running_loop().call_later(next_expiry, self._reconcile_needed.set)
+        now = time.monotonic()
+        for channel in to_listen:
+            if channel not in self._subscribers:  # its waiters left during the round trip
+                self._idle_since[channel] = now
+        for channel in to_unlisten:
+            if channel in self._subscribers:  # a waiter arrived during the round trip
+                self._to_listen.add(channel)
+                self._reconcile_needed.set()
+        self._schedule_expiry()
         for channel in list(self._confirmations):
-            if channel in self._listening or channel not in wanted:
-                for confirmed in self._confirmations.pop(channel):
-                    if not confirmed.done():
-                        confirmed.set_result(None)
+            if channel in self._listening or channel not in self._subscribers:
+                _resolve_all(self._confirmations.pop(channel))
+
+
+def _resolve_all(futures: Iterable[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 def _statements(to_listen: Iterable[str], to_unlisten: Iterable[str]) -> sql.Composed:

@@ -98,8 +98,8 @@ async def test_request_at_any_moment_of_the_poll_reaches_the_vm(lablink, monkeyp
             await student_asks()
         return subscription
 
-    async def poll_vm(vm_id):
-        row = await real_poll_vm(vm_id)
+    async def poll_vm(vm_id, **kwargs):
+        row = await real_poll_vm(vm_id, **kwargs)
         if plan["armed"] and moment == "after the read before the wait":
             plan["armed"] = False
             await student_asks()
