@@ -17,6 +17,9 @@ import pytest
 
 pytest.importorskip("aiohttp", reason="the benchmarks need the 'bench' extra")
 
+# Each run starts allocator processes of its own (about a minute in all).
+pytestmark = pytest.mark.slow
+
 BENCH = Path(__file__).parent / "bench"
 
 
