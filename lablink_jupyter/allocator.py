@@ -136,6 +136,7 @@ class Allocator:
         self._db: Database | None = None
         self._listener: NotificationListener | None = None
         self._polls: dict[int, _Poll] = {}
+        self._seen_at: dict[int, datetime] = {}  # the database's last_seen_at of each VM's current poll
         # hostname -> id, learnt from a VM's first successful token check (ids never change).
         self._vm_ids: dict[str, int] = {}
         self._enrollment_token = settings.enrollment_token
@@ -312,8 +313,13 @@ class Allocator:
             metrics.VM_POLLS_WAITING.dec()
             client_gone.unwatch(subscription)
             subscription.close()
+            seen_at = self._seen_at.pop(vm_id, None) if self._polls.get(vm_id) is poll else None
             if poll is not None and self._polls.get(vm_id) is poll:
                 del self._polls[vm_id]
+            if client_gone.gone and seen_at is not None:
+                # The VM went away mid-poll: hand it to nobody until it polls again.
+                with contextlib.suppress(DatabaseUnavailable):
+                    await self.db.note_disconnect(vm_id, seen_at)
 
     def response_written(self, vm_id: int, answer: dict[str, Any]) -> None:
         """The VM's answer went out: time the wake-up if it delivered new work.
@@ -349,6 +355,7 @@ class Allocator:
             if token_hash is not None:
                 raise _StaleCredentials()
             return {"status": "retired"}
+        self._seen_at[vm_id] = row["last_seen_at"]
         answer = self._instruction(row)
         if answer is not None and row["previous_status"] == VmStatus.ASSIGNED and row["seconds_since_code"] is not None:
             self._wakeups[vm_id] = (row["work_id"], row["seconds_since_code"], asyncio.get_running_loop().time())

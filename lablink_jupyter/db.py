@@ -49,10 +49,17 @@ _PUBLIC = (
 PUBLIC_COLUMNS = ", ".join(_PUBLIC)
 PUBLIC_COLUMNS_OF_VMS = ", ".join(f"vms.{c}" for c in _PUBLIC)
 
+#: Whether a VM was seen within stale_after seconds.
+_SEEN = "coalesce(last_seen_at > now() - make_interval(secs => %(stale_after)s), false)"
+
 #: Whether a VM is stale: expected to poll but not seen for stale_after seconds.
-_STALE = (
-    "(status NOT IN ('provisioning', 'retired')"
-    " AND (last_seen_at IS NULL OR last_seen_at < now() - make_interval(secs => %(stale_after)s)))"
+_STALE = f"(status NOT IN ('provisioning', 'retired') AND NOT {_SEEN})"
+
+#: The order free VMs are handed out in: VMs whose poll is open or just answered first, one
+#: whose last poll closed unanswered (it died, or is restarting) only when no other is free;
+#: then the most recently seen.
+_PICK_ORDER = (
+    "(disconnected_at IS NOT NULL AND disconnected_at >= last_seen_at), last_seen_at DESC"
 )
 
 
@@ -66,9 +73,9 @@ _ASSIGN_FREE_VM = (
     "  SELECT id FROM vms"
     "  WHERE (SELECT true FROM pg_advisory_xact_lock(%(lock_space)s, hashtext(%(user)s)))"
     "    AND status = 'available'"
-    "    AND last_seen_at > now() - make_interval(secs => %(stale_after)s)"
+    f"    AND {_SEEN}"
     "    AND NOT EXISTS (SELECT 1 FROM vms AS held WHERE held.assigned_user = %(user)s)"
-    "  ORDER BY last_seen_at DESC"
+    f"  ORDER BY {_PICK_ORDER}"
     "  LIMIT 1"
     "  FOR UPDATE OF vms SKIP LOCKED),"
     " used AS ("
@@ -336,7 +343,7 @@ class Database:
                 "   delivered_at = CASE WHEN vms.status = 'assigned' THEN now() ELSE vms.delivered_at END"
                 "  FROM before WHERE vms.id = before.id"
                 "  RETURNING vms.id, vms.hostname, vms.status, vms.crd_code, vms.pin, vms.work_id,"
-                "   vms.code_received_at, before.status AS previous_status,"
+                "   vms.code_received_at, vms.last_seen_at, before.status AS previous_status,"
                 "   extract(epoch FROM clock_timestamp() - vms.code_received_at)::float8"
                 "    AS seconds_since_code),"
                 " logged AS ("
@@ -350,6 +357,14 @@ class Database:
                 {"id": vm_id, "token_hash": token_hash},
             )
             return await cur.fetchone()
+
+    async def note_disconnect(self, vm_id: int, seen_at: datetime) -> None:
+        """The VM's poll closed unanswered; unless it has polled again since `seen_at`."""
+        async with self.connection() as conn:
+            await conn.execute(
+                "UPDATE vms SET disconnected_at = now() WHERE id = %s AND last_seen_at = %s",
+                (vm_id, seen_at),
+            )
 
     async def report_vm_status(
         self, vm_id: int, status: VmStatus, message: str | None, work_id: int | None
@@ -437,10 +452,9 @@ class Database:
         # second then finds the VM the first got, instead of racing it for the last free one.
         await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (USER_LOCK_SPACE, user))
         cur = await conn.execute(
-            f"SELECT {PUBLIC_COLUMNS}, code_digest,"
-            "  coalesce(last_seen_at > now() - make_interval(secs => %s), false) AS live"
-            " FROM vms WHERE assigned_user = %s FOR UPDATE",
-            (stale_after, user),
+            f"SELECT {PUBLIC_COLUMNS}, code_digest, {_SEEN} AS live"
+            " FROM vms WHERE assigned_user = %(user)s FOR UPDATE",
+            {"stale_after": stale_after, "user": user},
         )
         held = await cur.fetchone()
         moved_from = None
@@ -476,8 +490,8 @@ class Database:
             "WITH pick AS ("
             "  SELECT id FROM vms"
             "  WHERE status = 'available'"
-            "    AND last_seen_at > now() - make_interval(secs => %(stale_after)s)"
-            "  ORDER BY last_seen_at DESC"
+            f"    AND {_SEEN}"
+            f"  ORDER BY {_PICK_ORDER}"
             "  LIMIT 1"
             "  FOR UPDATE SKIP LOCKED)"
             " UPDATE vms SET status = 'assigned', status_changed_at = now(),"

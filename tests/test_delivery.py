@@ -213,3 +213,24 @@ async def test_retiring_a_held_vm_tears_its_crd_host_down(lablink, vm_factory):
     assert retired.code == 200, retired
     await until(lambda: vm.host_configs() == [], within=30)
     assert vm.calls("chrome-remote-desktop")
+
+
+async def test_a_vm_that_dropped_its_poll_is_handed_out_last(lablink, vm_factory):
+    listener = lablink.allocator.listener
+    dying = vm_factory("lab-vm-1")
+    await until(lambda: _status(lablink, "lab-vm-1") == "available" and listener.waiter_count == 1)
+    vm_factory("lab-vm-2")
+    await until(lambda: _status(lablink, "lab-vm-2") == "available" and listener.waiter_count == 2)
+    dying.kill()  # lab-vm-1 dies mid-poll: its connection closes unanswered
+    await until(lambda: query(lablink.database_url, "SELECT disconnected_at IS NOT NULL FROM vms"
+                                                    " WHERE hostname = 'lab-vm-1'") == [(True,)], within=15)
+    # lab-vm-1 was seen last (ordering alone would pick it), yet the live VM goes first.
+    query(lablink.database_url, "UPDATE vms SET last_seen_at = now() - interval '5 seconds'"
+                                " WHERE hostname = 'lab-vm-2'")
+    first = await lablink.request_vm("alice", linux_command(fresh_code()))
+    assert first.code == 200 and first.body["hostname"] == "lab-vm-2"
+    # With no other VM free, the dropped one is still handed out: it may be restarting.
+    second = await lablink.request_vm("bob", linux_command(fresh_code()))
+    assert second.code == 200 and second.body["hostname"] == "lab-vm-1"
+    dying.start()
+    await lablink.wait_for_status("bob", "active")
