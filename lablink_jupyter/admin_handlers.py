@@ -194,13 +194,7 @@ class EventsHandler(InstructorHandler):
         after = self.int_argument("after", None, 0, 2**62)
         hostname_text = self.get_query_argument("hostname", None)
         hostname = self.path_hostname(hostname_text) if hostname_text else None
-        wait_text = self.get_query_argument("wait", "0")
-        try:
-            wait = float(wait_text)
-        except ValueError:
-            raise ApiError(400, "'wait' must be a number of seconds.") from None
-        if not 0 <= wait <= 3600:
-            raise ApiError(400, "'wait' must be between 0 and 3600 seconds.")
+        wait = self.wait_argument()
         assert limit is not None
         page = await self.fleet_call(self.fleet.events(
             limit=limit, before=before, after=after, hostname=hostname, wait=wait,

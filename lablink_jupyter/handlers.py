@@ -8,9 +8,10 @@ login and XSRF; every other route keeps both.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -220,6 +221,17 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
             raise ApiError(400, f"The field '{name}' is longer than {max_length} characters.")
         return value
 
+    def wait_argument(self) -> float:
+        """The `wait` query argument: seconds a long-poll may be held (0 by default)."""
+        text = self.get_query_argument("wait", "0")
+        try:
+            wait = float(text)
+        except ValueError:
+            raise ApiError(400, "'wait' must be a number of seconds.") from None
+        if not 0 <= wait <= 3600:
+            raise ApiError(400, "'wait' must be between 0 and 3600 seconds.")
+        return wait
+
     def hostname_field(self, fields: dict[str, Any]) -> str:
         """The `hostname` field, normalised."""
         try:
@@ -352,14 +364,25 @@ class VmHandler(LabLinkHandler):
         """The calling VM's row, after checking its token against its hostname."""
         hostname = self.hostname_field(fields)
         token = self.bearer_token()
-        try:
+        with refusing_bad_vm_tokens():
             return await self._run(self.allocator.authenticate_vm(hostname, token))  # type: ignore[no-any-return]
-        except NotAuthorized:
-            raise ApiError(401, "This token does not belong to that VM.",
-                           "Enroll the VM again with the fleet enrollment token.") from None
-        except VmRetired:
-            raise ApiError(410, "This VM was retired by an instructor.",
-                           "An instructor must register it again before it can be used.") from None
+
+
+def _retired() -> ApiError:
+    return ApiError(410, "This VM was retired by an instructor.",
+                    "An instructor must register it again before it can be used.")
+
+
+@contextlib.contextmanager
+def refusing_bad_vm_tokens() -> Iterator[None]:
+    """Answer 401 for a token that is not the VM's, 410 for a retired VM."""
+    try:
+        yield
+    except NotAuthorized:
+        raise ApiError(401, "This token does not belong to that VM.",
+                       "Enroll the VM again with the fleet enrollment token.") from None
+    except VmRetired:
+        raise _retired() from None
 
 
 class EnrollHandler(VmHandler):
@@ -377,8 +400,7 @@ class EnrollHandler(VmHandler):
         except NotAuthorized:
             raise ApiError(401, "That is not the fleet enrollment token.") from None
         except VmRetired:
-            raise ApiError(410, "This VM was retired by an instructor.",
-                           "An instructor must register it again.") from None
+            raise _retired() from None
         self.write_json({"hostname": hostname, "token": token}, status=201)
 
 
@@ -388,17 +410,10 @@ class VmStartupHandler(VmHandler):
     @allow_unauthenticated
     async def post(self) -> None:
         hostname, token, window = self._poll_request()
-        try:
+        with refusing_bad_vm_tokens():
             vm_id, answer = await self._run(self.allocator.poll(hostname, token, self.client_gone, window))
-        except NotAuthorized:
-            raise ApiError(401, "This token does not belong to that VM.",
-                           "Enroll the VM again with the fleet enrollment token.") from None
-        except VmRetired:
-            raise ApiError(410, "This VM was retired by an instructor.",
-                           "An instructor must register it again before it can be used.") from None
         if answer["status"] == "retired":
-            raise ApiError(410, "This VM was retired by an instructor.",
-                           "An instructor must register it again before it can be used.")
+            raise _retired()
         self.write_json(answer)
         if self.client_gone.gone:
             self.allocator.response_lost(vm_id)
@@ -486,13 +501,7 @@ class MyVmHandler(LabLinkHandler):
     @allow_unauthenticated
     async def get(self) -> None:
         user = self.student()
-        wait_text = self.get_query_argument("wait", "0")
-        try:
-            wait = float(wait_text)
-        except ValueError:
-            raise ApiError(400, "'wait' must be a number of seconds.") from None
-        if not 0 <= wait <= 3600:
-            raise ApiError(400, "'wait' must be between 0 and 3600 seconds.")
+        wait = self.wait_argument()
         known = self.get_query_argument("known", None)
         view = await self._run(self.allocator.my_vm(user, wait, known, self.client_gone))
         self.write_json(view)
