@@ -199,6 +199,39 @@ class Reply:
         return self.body.get("error") if isinstance(self.body, dict) else None
 
 
+def request_parts(
+    method: str,
+    *,
+    user: str | None = None,
+    token: str | None = None,
+    json_body: Any = None,
+    body: bytes | str | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[dict[str, str], bytes | str | None]:
+    """Headers and body of a test request: `user` sends that student's token, `token` a bearer token."""
+    all_headers = dict(headers or {})
+    if user is not None:
+        all_headers["Authorization"] = f"token tok-{user}"
+    elif token is not None:
+        all_headers["Authorization"] = f"Bearer {token}"
+    if json_body is not None:
+        body = json.dumps(json_body)
+        all_headers.setdefault("Content-Type", "application/json")
+    if method in ("POST", "PUT", "PATCH") and body is None:
+        body = b""
+    return all_headers, body
+
+
+def reply_of(response: HTTPResponse) -> Reply:
+    """A tornado response as a Reply, its body parsed as JSON when it is JSON."""
+    text = response.body.decode("utf-8", "replace") if response.body else ""
+    try:
+        parsed: Any = json.loads(text) if text else None
+    except ValueError:
+        parsed = text
+    return Reply(response.code, parsed, response.headers)
+
+
 @dataclass
 class LabLinkServer:
     """The running test server, and ways to talk to it as students and VMs."""
@@ -233,28 +266,14 @@ class LabLinkServer:
         timeout: float = 30,
     ) -> Reply:
         """One request; `user` sends that student's token, `token` a bearer token."""
-        all_headers = dict(headers or {})
-        if user is not None:
-            all_headers["Authorization"] = f"token tok-{user}"
-        elif token is not None:
-            all_headers["Authorization"] = f"Bearer {token}"
-        else:
-            all_headers.setdefault("Authorization", "")
-        if json_body is not None:
-            body = json.dumps(json_body)
-            all_headers.setdefault("Content-Type", "application/json")
-        if method in ("POST", "PUT", "PATCH") and body is None:
-            body = b""
+        all_headers, body = request_parts(method, user=user, token=token, json_body=json_body,
+                                          body=body, headers=headers)
+        all_headers.setdefault("Authorization", "")  # not jp_fetch's default server token
         response: HTTPResponse = await self.fetch(
             path, method=method, body=body, headers=all_headers, params=params,
             raise_error=False, request_timeout=timeout, follow_redirects=False,
         )
-        text = response.body.decode("utf-8", "replace") if response.body else ""
-        try:
-            parsed: Any = json.loads(text) if text else None
-        except ValueError:
-            parsed = text
-        return Reply(response.code, parsed, response.headers)
+        return reply_of(response)
 
     async def request_vm(self, user: str, command: str) -> Reply:
         """The student `user` pastes `command`."""

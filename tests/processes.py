@@ -28,6 +28,8 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
+from conftest import Reply, reply_of, request_parts
+
 TESTS_DIR = Path(__file__).resolve().parent
 
 
@@ -49,20 +51,6 @@ def own_database(server_url: str, prefix: str = "lablink_own") -> Iterator[str]:
     finally:
         with psycopg.connect(server_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-@dataclass
-class Answer:
-    """An HTTP answer from a subprocess allocator: status, parsed JSON (or text), headers."""
-
-    code: int
-    body: Any
-    headers: Any
-
-    @property
-    def error(self) -> str | None:
-        """The `error` of a JSON error body."""
-        return self.body.get("error") if isinstance(self.body, dict) else None
 
 
 @dataclass
@@ -183,18 +171,10 @@ class AllocatorProcess:
         body: bytes | str | None = None,
         headers: dict[str, str] | None = None,
         timeout: float = 30,
-    ) -> Answer:
+    ) -> Reply:
         """One request; `user` sends that student's Jupyter token, `token` a bearer token."""
-        all_headers = dict(headers or {})
-        if user is not None:
-            all_headers["Authorization"] = f"token tok-{user}"
-        elif token is not None:
-            all_headers["Authorization"] = f"Bearer {token}"
-        if json_body is not None:
-            body = json.dumps(json_body)
-            all_headers.setdefault("Content-Type", "application/json")
-        if method in ("POST", "PUT", "PATCH") and body is None:
-            body = b""
+        all_headers, body = request_parts(method, user=user, token=token, json_body=json_body,
+                                          body=body, headers=headers)
         client = AsyncHTTPClient(force_instance=True, max_clients=64)
         try:
             response = await client.fetch(
@@ -206,12 +186,7 @@ class AllocatorProcess:
             client.close()
         if response.code == 599 and response.error is not None:
             raise response.error
-        text = response.body.decode("utf-8", "replace") if response.body else ""
-        try:
-            parsed: Any = json.loads(text) if text else None
-        except ValueError:
-            parsed = text
-        return Answer(response.code, parsed, response.headers)
+        return reply_of(response)
 
 
     async def wait_for_status(self, user: str, wanted: str, within: float = 60) -> dict[str, Any]:
