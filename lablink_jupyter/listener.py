@@ -222,15 +222,21 @@ class NotificationListener:
     async def stop(self) -> None:
         """Stop the task, close the connection and release every waiter."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._connected = False
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        self.wake_all()
+        try:
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    # The task's own end is expected; the caller's cancellation is not ours to eat.
+                    if _being_cancelled():
+                        raise
+        finally:
+            self._connected = False
+            if self._expiry is not None:
+                self._expiry.cancel()
+                self._expiry = None
+            self.wake_all()
 
     async def _run(self) -> None:
         backoff = 0.25
@@ -349,3 +355,10 @@ def _statements(to_listen: Iterable[str], to_unlisten: Iterable[str]) -> sql.Com
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task has been asked to stop (Python 3.11+ can tell; 3.10 cannot)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling and cancelling())
