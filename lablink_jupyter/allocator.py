@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from . import crd, metrics
+from . import crd, metrics, routes
 from .db import (
     CodeAlreadyUsed,
     Database,
@@ -34,6 +34,10 @@ from .statuses import HELD, WORK_PENDING, VmStatus
 HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
 )
+
+#: Names that are also routes under lablink/api/vms/: `DELETE lablink/api/vms/enroll` could not
+#: retire a VM called "enroll", so no VM may be called that.
+RESERVED_HOSTNAMES = frozenset({routes.VM_ENROLL.rsplit("/", 1)[1]})
 
 
 class AllocatorNotReady(DatabaseUnavailable):
@@ -66,6 +70,8 @@ def normalize_hostname(value: object) -> str:
     hostname = value.strip().lower()
     if not HOSTNAME_RE.match(hostname):
         raise ValueError("hostname may hold only letters, digits, '-' and '.' (at most 253 characters)")
+    if hostname in RESERVED_HOSTNAMES:
+        raise ValueError(f"'{hostname}' is the name of a LabLink route and cannot be a VM's hostname; give the VM another name")
     return hostname
 
 

@@ -140,6 +140,10 @@ async def test_register_hands_out_one_token_each_and_nothing_half_written(lablin
     bad = await lablink.call("POST", "lablink/api/vms", user=INSTRUCTOR,
                              json_body={"hostnames": ["lab-d", "not a host!"]})
     assert bad.code == 400 and bad.body["hint"]
+    # A VM called "enroll" could never be retired: DELETE lablink/api/vms/enroll is another route.
+    reserved = await lablink.call("POST", "lablink/api/vms", user=INSTRUCTOR,
+                                  json_body={"hostnames": ["enroll"]})
+    assert reserved.code == 400 and "another name" in reserved.body["error"], reserved
     for body in ({}, {"hostnames": []}, {"hostnames": 7}, {"hostnames": [None]}):
         reply = await lablink.call("POST", "lablink/api/vms", user=INSTRUCTOR, json_body=body)
         assert reply.code == 400, (body, reply)

@@ -53,7 +53,7 @@ async def test_enrolled_hostnames_are_normalised_and_checked(lablink):
     reply = await lablink.call("POST", "lablink/api/vms/enroll", token=ENROLL_TOKEN,
                                json_body={"hostname": "Lab-VM-7"})
     assert reply.code == 201 and reply.body["hostname"] == "lab-vm-7"
-    for bad in ["", "-lead", "a b", "lab_vm", "ｌａｂ", "../etc", "x" * 300, 7, None]:
+    for bad in ["", "-lead", "a b", "lab_vm", "ｌａｂ", "../etc", "x" * 300, 7, None, "enroll", "Enroll"]:
         reply = await lablink.call("POST", "lablink/api/vms/enroll", token=ENROLL_TOKEN,
                                    json_body={"hostname": bad})
         assert reply.code == 400, (bad, reply)
