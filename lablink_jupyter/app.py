@@ -224,6 +224,7 @@ class LabLink(ExtensionApp):
     fleet: FleetAdmin | None = None
     embedded: EmbeddedPostgres | None = None
     demo_fleet: DemoFleet | None = None
+    _demo_watch: asyncio.Task[None] | None = None
 
     @default("default_url")
     def _default_default_url(self) -> str:
@@ -330,9 +331,20 @@ class LabLink(ExtensionApp):
                 log=self.log,
             )
             self.demo_fleet.start()
+            self._demo_watch = asyncio.create_task(self._keep_demo_vms_running(self.demo_fleet),
+                                                   name="lablink-demo-vms")
+
+    async def _keep_demo_vms_running(self, fleet: DemoFleet) -> None:
+        # A demo VM killed by hand (or crashed) comes back, as a real VM's service would.
+        while True:
+            await asyncio.sleep(1.0)
+            fleet.restart_exited()
 
     async def stop_extension(self) -> None:
         """Stop the demo VMs, stop listening, close the pool, stop the embedded database."""
+        if self._demo_watch is not None:
+            self._demo_watch.cancel()  # it only sleeps and restarts; nothing to wait for
+            self._demo_watch = None
         if self.demo_fleet is not None:
             await asyncio.to_thread(self.demo_fleet.stop)
             self.demo_fleet = None

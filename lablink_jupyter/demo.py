@@ -12,10 +12,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .kernel_env import KERNEL_VARIABLES
 from .stand_in import write_stand_in
+
+#: Shortest time between two starts of one demo VM.
+RESTART_INTERVAL = 5.0
 
 
 def subscribe_command() -> list[str]:
@@ -40,29 +44,50 @@ class DemoFleet:
         self.state_root = state_root
         self.log = log or logging.getLogger(__name__)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._started_at: dict[str, float] = {}
 
     def start(self) -> None:
         """Start every demo VM."""
         for number in range(1, self.count + 1):
-            hostname = f"demo-vm-{number}"
-            home = self.state_root / hostname
-            start_host = write_stand_in(home / "crd")
-            # The token in the environment, not argv (ps shows argv); what kernels get stays with them.
-            env = {k: v for k, v in os.environ.items() if k not in KERNEL_VARIABLES}
-            env["LABLINK_ENROLL_TOKEN"] = self.enrollment_token
-            self.processes[hostname] = subprocess.Popen(
-                [
-                    *subscribe_command(),
-                    "--allocator", self.allocator_url,
-                    "--hostname", hostname,
-                    "--start-host", str(start_host),
-                    "--host-config-dir", str(start_host.parent / "config"),
-                    "--state-dir", str(home / "state"),
-                ],
-                env=env,
-                stdin=subprocess.DEVNULL,
-            )
+            self._start_one(f"demo-vm-{number}")
         self.log.info("LabLink started %d demo VMs (demo-vm-1 … demo-vm-%d)", self.count, self.count)
+
+    def restart_exited(self) -> list[str]:
+        """Start again each demo VM whose process ended (killed, crashed); their hostnames.
+
+        One that ended within RESTART_INTERVAL of its start waits that long, so a VM that
+        cannot run does not spin.
+        """
+        restarted = []
+        now = time.monotonic()
+        for hostname, process in list(self.processes.items()):
+            returncode = process.poll()
+            if returncode is None or now - self._started_at[hostname] < RESTART_INTERVAL:
+                continue
+            self.log.warning("LabLink demo VM %s exited (code %s); starting it again", hostname, returncode)
+            self._start_one(hostname)
+            restarted.append(hostname)
+        return restarted
+
+    def _start_one(self, hostname: str) -> None:
+        home = self.state_root / hostname
+        start_host = write_stand_in(home / "crd")
+        # The token in the environment, not argv (ps shows argv); what kernels get stays with them.
+        env = {k: v for k, v in os.environ.items() if k not in KERNEL_VARIABLES}
+        env["LABLINK_ENROLL_TOKEN"] = self.enrollment_token
+        self.processes[hostname] = subprocess.Popen(
+            [
+                *subscribe_command(),
+                "--allocator", self.allocator_url,
+                "--hostname", hostname,
+                "--start-host", str(start_host),
+                "--host-config-dir", str(start_host.parent / "config"),
+                "--state-dir", str(home / "state"),
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        self._started_at[hostname] = time.monotonic()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop every demo VM, politely and then not."""

@@ -93,6 +93,12 @@ def test_jupyter_lablink_with_demo_vms_runs_the_whole_flow(tmp_path, database_ur
         calls = tmp_path / "lablink" / "demo-vms" / vm["hostname"] / "crd" / "calls.jsonl"
         recorded = [json.loads(line) for line in calls.read_text().splitlines()]
         assert f"--code={code}" in recorded[0]["argv"]
+
+        # A demo VM killed by hand comes back by itself and polls again.
+        (other,) = {"demo-vm-1", "demo-vm-2"} - {vm["hostname"]}
+        os.kill(_subscribe_pid(tmp_path, other), signal.SIGKILL)
+        _wait_until(lambda: _available(session, base) == 1, "the killed demo VM still polls")
+        _wait_until(lambda: _available(session, base) == 2, f"{other} never came back", within=60)
     finally:
         server.send_signal(signal.SIGTERM)  # SIGINT asks "Shut down?" or is ignored without a tty
         try:
@@ -102,8 +108,16 @@ def test_jupyter_lablink_with_demo_vms_runs_the_whole_flow(tmp_path, database_ur
     output = (tmp_path / "server.log").read_text(errors="replace")
     assert code not in output and vm["pin"] not in output
     # The demo VMs stopped with the server.
-    processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    processes = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path / "lablink" / "demo-vms") not in processes
+
+
+def _subscribe_pid(tmp_path, hostname):
+    """The process id of the demo VM `hostname` started under tmp_path."""
+    processes = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    (pid,) = [int(line.split(None, 1)[0]) for line in processes.splitlines()
+              if f"--hostname {hostname} " in line and str(tmp_path) in line]
+    return pid
 
 
 def _available(session, base):
