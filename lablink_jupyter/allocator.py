@@ -71,7 +71,8 @@ def normalize_hostname(value: object) -> str:
     if not HOSTNAME_RE.match(hostname):
         raise ValueError("hostname may hold only letters, digits, '-' and '.' (at most 253 characters)")
     if hostname in RESERVED_HOSTNAMES:
-        raise ValueError(f"'{hostname}' is the name of a LabLink route and cannot be a VM's hostname; give the VM another name")
+        raise ValueError(f"'{hostname}' is the name of a LabLink route and cannot be a VM's hostname; "
+                         "give the VM another name")
     return hostname
 
 
