@@ -69,14 +69,14 @@ class InstructorHandler(LabLinkHandler):
 
     def instructor(self) -> str:
         """The calling instructor's username, or 403."""
-        user = self.current_user
-        if user is None:
+        username = self.acting_username
+        if username is None:
             raise ApiError(403, "Log in first.", LOG_IN_HINT)
-        if not self.lablink.is_instructor(user, self.identity_provider):
+        if not self.lablink.is_instructor(self.current_user, self.identity_provider):
             raise ApiError(403, "Only instructors can manage the fleet.",
-                           f"Ask whoever runs LabLink to add {user.username} to c.LabLink.instructors.",
-                           user=str(user.username))
-        return str(user.username)
+                           f"Ask whoever runs LabLink to add {username} to c.LabLink.instructors.",
+                           user=username)
+        return username
 
     async def fleet_call(self, call: Awaitable[Any]) -> Any:
         """Await a fleet operation, turning what went wrong into an answer the caller can act on."""

@@ -378,7 +378,7 @@ class LabLink(ExtensionApp):
             crd=crd,
             identity=self.identity,
             xsrf_form_html=handler.xsrf_form_html(),
-            user=getattr(handler.current_user, "username", None),
+            user=getattr(handler, "acting_username", None),
             **values,
         )
 

@@ -329,11 +329,22 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
                 return remembered.decode()
             if self.current_user is None:
                 raise ApiError(400, "Type your email address first.")
-        if self.current_user is None:
+        username = self.acting_username
+        if username is None:
             raise ApiError(403, "Log in first.", LOG_IN_HINT)
+        return username
+
+    @property
+    def acting_username(self) -> str | None:
+        """Whom this request acts for, as students' VMs, the audit log and pages name them.
+
+        A plain Jupyter server belongs to one person: whoever holds its token or password
+        is its owner, whatever anonymous name (new on every token request) Jupyter gives
+        the session. Otherwise the logged-in user; None when nobody is logged in.
+        """
+        if self.current_user is None:
+            return None
         if type(self.identity_provider) in SINGLE_USER_PROVIDERS:
-            # A plain Jupyter server belongs to one person: whoever holds its token or
-            # password is its owner, whatever anonymous name Jupyter gives each session.
             return self.lablink.server_owner
         return str(self.current_user.username)
 
