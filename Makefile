@@ -7,6 +7,7 @@ DEMO_VMS ?= 3
 PORT ?= 8888
 # Where the embedded PostgreSQL keeps its data (empty: the default, see the README).
 DATA_DIR ?=
+ARGS ?=
 # Jupyter refuses to run as root unless told; the demo is meant to run anywhere.
 ALLOW_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
@@ -32,7 +33,7 @@ proxy:
 
 run: $(VENV)/.installed
 	$(VENV)/bin/jupyter lablink --demo-vms=$(DEMO_VMS) --port=$(PORT) --no-browser $(ALLOW_ROOT) \
-		$(if $(DATA_DIR),--LabLink.embedded_data_dir=$(DATA_DIR))
+		$(if $(DATA_DIR),--LabLink.embedded_data_dir=$(DATA_DIR)) $(ARGS)
 
 test: $(VENV)/.installed proxy
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

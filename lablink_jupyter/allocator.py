@@ -20,6 +20,7 @@ from typing import Any
 from . import crd, metrics, routes
 from .db import (
     CodeAlreadyUsed,
+    HeldByAnother,
     Database,
     DatabaseUnavailable,
     NoVmFree,
@@ -393,12 +394,16 @@ class Allocator:
 
     # -- student side -------------------------------------------------------------
 
-    async def request_vm(self, user: str, command_text: str) -> dict[str, Any]:
-        """Parse the pasted command and give the student a VM (or re-arm theirs)."""
+    async def request_vm(self, user: str, command_text: str, *, may_use_held: bool = True) -> dict[str, Any]:
+        """Parse the pasted command and give the student a VM (or re-arm theirs).
+
+        `may_use_held` false: HeldByAnother if the student holds a VM (see Database.assign_vm).
+        """
         try:
             command = crd.parse_crd_command(command_text)
             assignment = await self.db.assign_vm(
-                user, command.code, new_pin(self.settings.pin_length), self.settings.stale_after
+                user, command.code, new_pin(self.settings.pin_length), self.settings.stale_after,
+                may_use_held=may_use_held,
             )
         except crd.CrdCommandError:
             metrics.ASSIGNMENT_REQUESTS.labels(outcome="bad_command").inc()
@@ -408,6 +413,9 @@ class Allocator:
             raise
         except CodeAlreadyUsed:
             metrics.ASSIGNMENT_REQUESTS.labels(outcome="code_already_used").inc()
+            raise
+        except HeldByAnother:
+            metrics.ASSIGNMENT_REQUESTS.labels(outcome="held_by_another").inc()
             raise
         except DatabaseUnavailable:
             metrics.ASSIGNMENT_REQUESTS.labels(outcome="database_unavailable").inc()

@@ -111,7 +111,7 @@ def parse_crd_command(text: str) -> CrdCommand:
         )
     cleaned = _undo_paste_damage(text)
     if not cleaned.strip():
-        raise CrdCommandError("Nothing was pasted.")
+        raise CrdCommandError("Nothing was pasted: paste the command from Chrome Remote Desktop first.")
 
     flag_matches = list(_CODE_FLAG_RE.finditer(cleaned))
     if flag_matches:

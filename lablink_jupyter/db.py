@@ -108,6 +108,10 @@ class CodeAlreadyUsed(Exception):
     """The pasted code was handed to a VM before; Google's codes work once."""
 
 
+class HeldByAnother(Exception):
+    """The student holds a VM, and this request could not show it comes from them."""
+
+
 class VmNotFound(Exception):
     """No VM has that hostname."""
 
@@ -409,9 +413,12 @@ class Database:
     # -- student side -----------------------------------------------------------------
 
     async def assign_vm(
-        self, user: str, code: str, pin: str, stale_after: float
+        self, user: str, code: str, pin: str, stale_after: float, *, may_use_held: bool = True
     ) -> Assignment:
         """Give `user` a VM with this code, or re-arm the VM they hold.
+
+        With `may_use_held` false, a student who holds a VM gets HeldByAnother instead of
+        it (the open form, where anyone can type anyone's email).
 
         The pick is one statement with FOR UPDATE SKIP LOCKED, so two requests
         never claim the same VM; the partial unique index on assigned_user
@@ -428,7 +435,7 @@ class Database:
                 if vm is not None:
                     return Assignment(vm, "assigned")
                 async with self.transaction() as conn:
-                    return await self._assign_in(conn, user, code, digest, pin, stale_after)
+                    return await self._assign_in(conn, user, code, digest, pin, stale_after, may_use_held)
             except errors.UniqueViolation as exc:
                 constraint = exc.diag.constraint_name
                 if constraint == "vms_one_per_code":
@@ -448,6 +455,7 @@ class Database:
         digest: str,
         pin: str,
         stale_after: float,
+        may_use_held: bool,
     ) -> Assignment:
         # Requests of one student queue behind each other (a double click, two tabs): the
         # second then finds the VM the first got, instead of racing it for the last free one.
@@ -459,6 +467,8 @@ class Database:
         )
         held = await cur.fetchone()
         moved_from = None
+        if held is not None and not may_use_held:
+            raise HeldByAnother()
         if held is not None:
             if held["code_digest"] == digest:
                 if held["status"] == VmStatus.FAILED:

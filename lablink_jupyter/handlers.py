@@ -30,7 +30,7 @@ from .allocator import (
     NotAuthorized,
     normalize_hostname,
 )
-from .db import CodeAlreadyUsed, DatabaseUnavailable, NoVmFree, VmRetired
+from .db import CodeAlreadyUsed, DatabaseUnavailable, HeldByAnother, NoVmFree, VmRetired
 from .roles import SINGLE_USER_PROVIDERS
 from .statuses import VmStatus
 
@@ -155,8 +155,13 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
             except web.HTTPError as exc:
                 if exc.status_code != 403:
                     raise
-                if self.current_user is None:
+                if self.current_user is None and self.lablink.identity != "email":
                     raise ApiError(403, "Log in first.", LOG_IN_HINT) from None
+                if not self.has_form_body:
+                    # The open form's JSON callers log in to nothing: XSRF is all they lack.
+                    raise ApiError(403, "The request has no valid XSRF token.",
+                                   "Send the _xsrf cookie's value in an X-XSRFToken header, as the "
+                                   "form's page does.") from None
                 raise ApiError(403, "This form is out of date or was sent from another site.",
                                "Reload the page and submit it again.") from None
 
@@ -321,8 +326,6 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
                 if not _looks_like_email(email):
                     raise ApiError(400, "That does not look like an email address.",
                                    "Type the address you use for this course, like ada@example.edu.")
-                self.set_signed_cookie(STUDENT_COOKIE, email, expires_days=1, httponly=True,
-                                       samesite="Lax")
                 return email
             remembered = self.get_signed_cookie(STUDENT_COOKIE, max_age_days=1)
             if remembered:
@@ -333,6 +336,23 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
         if username is None:
             raise ApiError(403, "Log in first.", LOG_IN_HINT)
         return username
+
+    def vouched_for(self, student: str) -> bool:
+        """Whether this request shows it comes from `student`, who may then use the VM they hold.
+
+        Always, with a Jupyter login. On the open form anyone can type anyone's email, so
+        only from the browser that student got their VM in (its signed cookie).
+        """
+        if self.lablink.identity != "email" or self.current_user is not None:
+            return True
+        remembered = self.get_signed_cookie(STUDENT_COOKIE, max_age_days=1)
+        return remembered is not None and remembered.decode() == student
+
+    def remember_student(self, student: str) -> None:
+        """On the open form, this browser is now `student`'s (see vouched_for)."""
+        if self.lablink.identity == "email":
+            self.set_signed_cookie(STUDENT_COOKIE, student, expires_days=1, httponly=True,
+                                   samesite="Lax")
 
     @property
     def acting_username(self) -> str | None:
@@ -477,12 +497,10 @@ class RequestVmHandler(LabLinkHandler):
         fields = self.body_fields()
         try:
             user = self.student(fields)
-            command = self.text_field(fields, "crd_command", required=False)
-            if not command:
-                raise ApiError(400, "Paste the command from Chrome Remote Desktop first.",
-                               crd.HOW_TO_GET_A_COMMAND)
+            command = self.text_field(fields, "crd_command", required=False) or ""
             try:
-                view = await self._run(self.allocator.request_vm(user, command))
+                view = await self._run(self.allocator.request_vm(
+                    user, command, may_use_held=self.vouched_for(user)))
             except crd.CrdCommandError as exc:
                 raise ApiError(400, exc.message, exc.hint) from None
             except NoVmFree:
@@ -492,6 +510,10 @@ class RequestVmHandler(LabLinkHandler):
             except CodeAlreadyUsed:
                 raise ApiError(409, "This code was used already, and each code works only once.",
                                crd.HOW_TO_GET_A_COMMAND) from None
+            except HeldByAnother:
+                raise ApiError(409, f"{user} already has a VM, asked for from another browser.",
+                               "Use the browser you asked from, or ask your instructor to release "
+                               "that VM.") from None
         except ApiError as exc:
             if self.is_form and exc.status_code != 403:
                 self.set_status(exc.status_code)
@@ -500,6 +522,7 @@ class RequestVmHandler(LabLinkHandler):
                                                      email=fields.get("email")))
                 return
             raise
+        self.remember_student(user)
         if self.is_form:
             self.redirect(self.base_url + routes.VM_PAGE, status=303)
             return

@@ -42,6 +42,8 @@ REQUEST_OUTCOMES = (
     "assigned",  # a new VM
     "rearmed",  # a new code for the VM the student holds
     "unchanged",  # the same code again
+    "moved",  # the student's VM stopped responding: a live one instead
+    "held_by_another",  # the open form: the email holds a VM asked for from another browser
     "no_vm_free",
     "code_already_used",
     "bad_command",

@@ -45,3 +45,43 @@ async def test_open_form_gives_a_vm_to_an_email(lablink):
     stranger = await lablink.call("GET", "lablink/api/my_vm")
     assert stranger.code == 400 and stranger.body.get("pin") is None
 
+
+
+async def test_typing_a_classmates_email_does_not_take_their_vm(lablink):
+    # Anyone can type anyone's email on the open form: only the browser that got the VM may
+    # see its PIN or re-arm it.
+    for hostname in ("vm-a", "vm-b"):
+        await lablink.poll(hostname, await lablink.enroll(hostname), wait=0)
+    json_form = {"X-XSRFToken": "x", "Cookie": "_xsrf=x"}
+    ada = await lablink.call("POST", "lablink/api/request_vm", headers=json_form,
+                             json_body={"email": "ada@example.edu", "crd_command": linux_command(fresh_code())})
+    assert ada.code == 200, ada
+    ada_browser = {**json_form, "Cookie": "_xsrf=x; " + cookie_header(cookies_of(ada.headers))}
+    ((pin, work_id),) = query(lablink.database_url, "SELECT pin, work_id FROM vms WHERE hostname = %s",
+                              (ada.body["hostname"],))
+
+    for typed in ("ada@example.edu", " ADA@Example.EDU "):
+        other = await lablink.call("POST", "lablink/api/request_vm", headers=json_form,
+                                   json_body={"email": typed, "crd_command": linux_command(fresh_code())})
+        assert other.code == 409 and "another browser" in other.body["error"], other
+        assert pin not in str(other.body) and other.body.get("hostname") is None
+        assert "lablink-student" not in other.headers.get("Set-Cookie", "")
+    # Ada's VM kept her code and PIN; the other VM was not handed out either.
+    assert query(lablink.database_url, "SELECT hostname, assigned_user, pin, work_id FROM vms"
+                                       " WHERE assigned_user IS NOT NULL") == [
+        (ada.body["hostname"], "ada@example.edu", pin, work_id)]
+
+    # From her own browser, Ada re-arms her VM with a fresh code.
+    again = await lablink.call("POST", "lablink/api/request_vm", headers=ada_browser,
+                               json_body={"email": "ada@example.edu", "crd_command": linux_command(fresh_code())})
+    assert again.code == 200 and again.body["outcome"] == "rearmed" and again.body["pin"] == pin
+    # A new student on the browser that was turned away still gets a VM of their own.
+    bob = await lablink.call("POST", "lablink/api/request_vm", headers=json_form,
+                             json_body={"email": "bob@example.edu", "crd_command": linux_command(fresh_code())})
+    assert bob.code == 200 and bob.body["hostname"] != ada.body["hostname"]
+
+
+async def test_a_json_call_without_xsrf_is_told_what_it_lacks(lablink):
+    reply = await lablink.call("POST", "lablink/api/request_vm",
+                               json_body={"email": "ada@example.edu", "crd_command": linux_command(fresh_code())})
+    assert reply.code == 403 and "XSRF" in reply.body["error"] and "X-XSRFToken" in reply.body["hint"]
