@@ -26,11 +26,13 @@ DEFAULT_TIMEOUT = 15.0
 
 HOW_TO_CONFIGURE = (
     "Could not find the LabLink server: set LABLINK_URL (the Jupyter server's URL, with "
-    "its base_url) and LABLINK_TOKEN, or pass StudentPanel(url=..., token=...)."
+    "its base_url) and LABLINK_TOKEN, or give the panel both: StudentPanel(url=..., token=...) "
+    "or InstructorPanel(url=..., token=...)."
 )
 NOT_RECOGNISED_HINT = (
     "The LabLink server did not recognise this notebook's credentials ({source}): set "
-    "LABLINK_TOKEN to a token that server accepts, or pass StudentPanel(token=...)."
+    "LABLINK_TOKEN to a token that server accepts, or give the panel one: StudentPanel(token=...) "
+    "or InstructorPanel(token=...)."
 )
 
 

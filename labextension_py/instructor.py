@@ -136,6 +136,7 @@ class InstructorPanel(widgets.VBox):
         self._closed = False
         self._shown = False
         self._settled = asyncio.Event()  # set once the fleet or an error has been shown
+        self._problem: LabLinkError | None = None
         # One action at a time: a second click waits instead of racing the first.
         self._action_lock = asyncio.Lock()
         # The newest event id read before the fleet was last read: the long-poll waits for later ones.
@@ -485,7 +486,15 @@ class InstructorPanel(widgets.VBox):
     def _notice(self, text: str) -> None:
         self.notice_html.value = _box("note", text)
 
+    @property
+    def problem(self) -> str | None:
+        """What the panel shows as wrong, as plain text (for notebooks run without a browser)."""
+        if self._problem is None:
+            return None
+        return " ".join(part for part in (self._problem.error, self._problem.hint) if part)
+
     def _show_error(self, exc: LabLinkError | None) -> None:
+        self._problem = exc
         if exc is None:
             self.error_html.value = ""
             return

@@ -104,6 +104,7 @@ async def test_panel_shows_refusals_instead_of_raising(lablink):
         assert not await panel.ready()
         assert "Only instructors" in panel.error_html.value
         assert "c.LabLink.instructors" in panel.error_html.value
+        assert panel.problem.startswith("Only instructors") and "c.LabLink.instructors" in panel.problem
     finally:
         panel.close()
     nowhere = InstructorPanel(url="http://127.0.0.1:9/", token="x", wait=2)
@@ -129,3 +130,15 @@ async def test_instructor_notebook_runs(lablink, monkeypatch):
     counts = next(json.loads(t) for t in texts if t.startswith("{") and '"available"' in t)
     assert counts["available"] == 1 and counts["assigned"] == 1
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+
+
+async def test_instructor_notebook_says_what_is_wrong_when_it_finds_no_server(tmp_path):
+    # A kernel with nothing to go on (not started by a LabLink server, no LABLINK_URL).
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(notebook, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}})
+    await client.async_execute()
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "set LABLINK_URL" in printed and "InstructorPanel(url=" in printed
