@@ -61,6 +61,9 @@ async def test_failed_setup_then_fresh_code_rearms_the_same_vm(lablink, vm_facto
     failed = await lablink.wait_for_status("alice", "failed")
     assert "fresh command" in failed["error"]
     assert failed["pin"] == pin
+    # The page says what went wrong, and no longer tells her to connect.
+    page = await lablink.call("GET", "lablink/vm", user="alice")
+    assert "fresh command" in page.body and '<p id="connect" hidden>' in page.body
 
     again = await lablink.request_vm("alice", linux_command(first_code))
     assert again.code == 409 and "only once" in again.error
