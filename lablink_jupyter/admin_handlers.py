@@ -226,6 +226,9 @@ class AdminPageHandler(InstructorHandler):
 
     ACTIONS = ("release", "retire", "register", "show_token", "rotate_token")
 
+    #: Carries a release's or retirement's notice across the redirect that follows it.
+    NOTICE_COOKIE = "lablink-admin-notice"
+
     @allow_unauthenticated
     async def get(self) -> None:
         if self.current_user is None:
@@ -233,7 +236,10 @@ class AdminPageHandler(InstructorHandler):
             return
         if not self._may_enter():
             return
-        await self._render()
+        notice = self.get_signed_cookie(self.NOTICE_COOKIE, max_age_days=1)
+        if notice is not None:
+            self.clear_cookie(self.NOTICE_COOKIE)
+        await self._render(notice=notice.decode() if notice else None)
 
     @allow_unauthenticated
     async def post(self) -> None:
@@ -268,11 +274,17 @@ class AdminPageHandler(InstructorHandler):
                 hostname = self.hostname_field(fields)
                 if action == "release":
                     done = await self.fleet_call(self.fleet.release(hostname, actor))
-                    values["notice"] = f"Released {hostname} from {done['released_from']}."
+                    notice = f"Released {hostname} from {done['released_from']}."
                 else:
                     done = await self.fleet_call(
                         self.fleet.retire(hostname, actor, fields.get("force") == "1"))
-                    values["notice"] = f"Retired {hostname}."
+                    notice = f"Retired {hostname}."
+                # Back to the page by GET, so that reloading it does not do this again. (The
+                # other actions show a token once, which must not travel through a redirect.)
+                self.set_signed_cookie(self.NOTICE_COOKIE, notice, expires_days=None, httponly=True,
+                                       samesite="Strict")
+                self.redirect(self.base_url + routes.ADMIN_PAGE, status=303)
+                return
         except ApiError as exc:
             if exc.status_code == 503:
                 raise

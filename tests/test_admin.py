@@ -8,7 +8,7 @@ import io
 
 import pytest
 
-from conftest import ENROLL_TOKEN, INSTRUCTOR, fresh_code, linux_command, query, until
+from conftest import ENROLL_TOKEN, INSTRUCTOR, cookie_header, cookies_of, fresh_code, linux_command, query, until
 from lablink_jupyter.roles import InstructorRule, is_instructor
 
 # -- who is an instructor -----------------------------------------------------------------
@@ -304,7 +304,12 @@ async def test_admin_page_shows_the_fleet_and_runs_its_forms(lablink):
     form = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "text/html"}
     released = await lablink.call("POST", "lablink/admin", user=INSTRUCTOR, headers=form,
                                   body=f"action=release&hostname={held}")
-    assert released.code == 200 and f"Released {held} from alice." in released.body
+    # Sent back to the page by GET, so that reloading it releases nothing again.
+    assert released.code == 303 and released.headers["Location"].endswith("lablink/admin"), released
+    after = await lablink.call("GET", "lablink/admin", user=INSTRUCTOR,
+                               headers={"Cookie": cookie_header(cookies_of(released.headers))})
+    assert f"Released {held} from alice." in after.body and 'id="count-assigned">0<' in after.body
+    assert "lablink-admin-notice=;" in after.headers.get("Set-Cookie", "").replace('""', "")
     registered = await lablink.call("POST", "lablink/admin", user=INSTRUCTOR, headers=form,
                                     body="action=register&hostnames=lab-p3%0Alab-p4")
     assert registered.code == 200 and "not shown again" in registered.body
