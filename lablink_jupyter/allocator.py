@@ -429,6 +429,11 @@ class Allocator:
                 f"This is the {other_system[command.variant]} version of the command; that works too: "
                 "only the code in it is used."
             )
+        if command.ignored:
+            notes.append(
+                f"Only the code in your paste was used; the rest ({', '.join(command.ignored)}) "
+                "was left out: nothing pasted here is ever run."
+            )
         if assignment.outcome == "moved":
             notes.append(
                 f"{assignment.moved_from} stopped responding, so you now have {view['hostname']}, "

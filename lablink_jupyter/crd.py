@@ -54,6 +54,8 @@ class CrdCommand:
 
     code: str = field(repr=False)  # kept out of repr so a logged object never leaks it
     variant: Variant
+    #: What the paste held beyond Google's command (shell operators, other flags), left unused.
+    ignored: tuple[str, ...] = ()
 
 
 class CrdCommandError(ValueError):
@@ -87,6 +89,12 @@ _CODE_FLAG_RE = re.compile(
     re.IGNORECASE,
 )
 _LOOSE_CODE_RE = re.compile(r"4/0[A-Za-z0-9_-]{17,}")
+#: Shell operators Google's commands never use ('&' alone is PowerShell's call operator, and
+#: $(hostname) is in Google's Linux and macOS commands).
+_SHELL_OPERATOR_RE = re.compile(r"&&|\|\||[;|`]|\$\((?!hostname\))")
+_FLAG_NAME_RE = re.compile(r"(?<![\w-])--([A-Za-z][\w-]*)")
+_GOOGLES_FLAGS = frozenset({"code", "redirect-url", "name"})
+_REDIRECT_FLAG_RE = re.compile(r"""--redirect-url\s*=\s*["']?([^"'\s]*)""", re.IGNORECASE)
 _PROMPT_RE = re.compile(
     r"""^(?:PS\s[^>\n]*>        # PowerShell: PS C:\Users\x>
          |[^\s@]+@[^\s:]+:\S*\s*[$#]  # bash: user@host:~$
@@ -120,7 +128,7 @@ def parse_crd_command(text: str) -> CrdCommand:
         codes += [_check_code(loose) for loose in _LOOSE_CODE_RE.findall(rest)]
         if len(set(codes)) > 1:
             raise _two_codes()
-        return CrdCommand(code=codes[0], variant=_variant(cleaned))
+        return CrdCommand(code=codes[0], variant=_variant(cleaned), ignored=_beyond_googles_command(rest))
     return CrdCommand(code=_bare_code(cleaned), variant="code-only")
 
 
@@ -238,6 +246,21 @@ def _two_codes() -> CrdCommandError:
         "Paste only the newest command (each code works once, for a few minutes). "
         + HOW_TO_GET_A_COMMAND,
     )
+
+
+def _beyond_googles_command(rest: str) -> tuple[str, ...]:
+    """Name what `rest` (the paste without its --code= flags) holds that Google never prints."""
+    found = [f"'{operator}'" for operator in dict.fromkeys(_SHELL_OPERATOR_RE.findall(rest))]
+    for flag in dict.fromkeys(_FLAG_NAME_RE.findall(rest)):
+        if flag.lower() not in _GOOGLES_FLAGS:
+            found.append(f"--{flag}")
+    redirects = _REDIRECT_FLAG_RE.findall(rest)
+    if any(url != REDIRECT_URL for url in redirects):
+        found.append("another --redirect-url")
+    lines = [line.strip() for line in rest.split("\n") if line.strip()]
+    if any(not line.startswith("--") for line in lines[1:]):
+        found.append("a second line")  # a command wrapped by the page goes on with a flag
+    return tuple(found)
 
 
 def _variant(cleaned: str) -> Variant:

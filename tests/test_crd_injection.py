@@ -64,6 +64,10 @@ async def test_pasted_shell_never_reaches_start_host(lablink, vm_factory, tmp_pa
             assert code not in reply.error
             continue
         assert reply.code == 200, (paste, reply)
+        # What was left out is said, without repeating the paste.
+        left_out = any(part in template for part in (";", "&&", "\ntouch", "`", "--pin"))
+        assert any("left out" in note for note in reply.body["notes"]) == left_out, (paste, reply)
+        assert str(mark) not in str(reply.body["notes"])
         pin = pin or reply.body["pin"]
         await lablink.wait_for_status("alice", "active")
         delivered += 1
