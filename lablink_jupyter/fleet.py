@@ -42,14 +42,20 @@ def parse_hostnames(value: object) -> list[str]:
     else:
         raise ValueError("give 'hostnames' as a list of hostnames")
     hostnames: list[str] = []
+    refused: list[str] = []  # every bad one at once, so that one fix is enough
     for item in items:
         try:
             hostname = normalize_hostname(item)
         except ValueError as exc:
             shown = item if isinstance(item, str) else type(item).__name__
-            raise ValueError(f"{str(shown)[:80]!r}: {exc}") from None
+            refused.append(f"{str(shown)[:80]!r}: {exc}")
+            continue
         if hostname not in hostnames:
             hostnames.append(hostname)
+    if refused:
+        shown_refusals = "; ".join(refused[:10])
+        more = f" (and {len(refused) - 10} more)" if len(refused) > 10 else ""
+        raise ValueError(shown_refusals + more)
     if not hostnames:
         raise ValueError("no hostnames given")
     if len(hostnames) > MAX_REGISTER:

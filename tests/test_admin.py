@@ -138,8 +138,9 @@ async def test_register_hands_out_one_token_each_and_nothing_half_written(lablin
                                json_body={"hostnames": ["lab-c", "lab-a"]})
     assert again.code == 409 and "lab-a" in again.body["error"] and again.body["hint"]
     bad = await lablink.call("POST", "lablink/api/vms", user=INSTRUCTOR,
-                             json_body={"hostnames": ["lab-d", "not a host!"]})
+                             json_body={"hostnames": ["lab-d", "not a host!", "lab_e", ""]})
     assert bad.code == 400 and bad.body["hint"]
+    assert all(f"'{name}'" in bad.body["error"] for name in ("not a host!", "lab_e", "")), bad
     # A VM called "enroll" could never be retired: DELETE lablink/api/vms/enroll is another route.
     reserved = await lablink.call("POST", "lablink/api/vms", user=INSTRUCTOR,
                                   json_body={"hostnames": ["enroll"]})
