@@ -64,7 +64,7 @@ class DemoFleet:
             returncode = process.poll()
             if returncode is None or now - self._started_at[hostname] < RESTART_INTERVAL:
                 continue
-            self.log.warning("LabLink demo VM %s exited (code %s); starting it again", hostname, returncode)
+            self.log.warning("LabLink demo VM %s exited (status %s); starting it again", hostname, returncode)
             self._start_one(hostname)
             restarted.append(hostname)
         return restarted

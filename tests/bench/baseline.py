@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             server, probe, count, args.poll_timeout, windows=args.windows,
                             idle_seconds=args.idle_seconds, prefix=f"{kind}-vm"))
                 for count in args.wakeup:
-                    assignments = args.assignments or min(500, max(1, count // 2))
+                    assignments = wakeup.assignments_for(args, count)
                     harness.reset_fleet(database_url)
                     log(f"baseline: {kind} wakeup, N = {count}, {assignments} assignments")
                     server = start(database_url, poll_timeout=args.wakeup_poll_timeout)
@@ -143,12 +143,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=2, help="poll windows every VM must live through")
     parser.add_argument("--idle-seconds", type=float, default=2.0, help="longest span to measure idle CPU over")
     parser.add_argument("--wakeup-poll-timeout", type=float, default=120.0, help="poll window of the wakeup run")
-    harness.common_arguments(parser)
-    args = parser.parse_args()
-    args.file_limit = harness.raise_file_limit()
-    result = run(args)
-    result["file_limit"] = args.file_limit
-    harness.emit(result, args.output)
+    harness.parse_and_run(parser, run)
 
 
 if __name__ == "__main__":

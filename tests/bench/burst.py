@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
-from harness import DatabaseProbe, Postgres, ServerProcess, log
+from harness import DatabaseProbe, ServerProcess
 
 
 async def measure_burst(server: ServerProcess, probe: DatabaseProbe, count: int, poll_timeout: float,
@@ -82,24 +82,9 @@ async def measure_burst(server: ServerProcess, probe: DatabaseProbe, count: int,
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every size, each on a fresh allocator process and an emptied fleet."""
-    machine = harness.machine()
-    results = []
-    with Postgres(args.database_url, args.max_connections) as postgres:
-        database_url = postgres.create_database()
-        probe = DatabaseProbe(database_url)
-        try:
-            for count in args.sizes:
-                harness.reset_fleet(database_url)
-                log(f"burst: S = {count}")
-                server = harness.start_lablink(database_url, poll_timeout=args.poll_timeout)
-                with harness.running(server):
-                    results.append(asyncio.run(measure_burst(
-                        server, probe, count, args.poll_timeout,
-                        profile=harness.profile_path(args.profile, count))))
-        finally:
-            probe.close()
-        return {"benchmark": "burst", "machine": machine, "postgres": postgres.describe(),
-                "results": results}
+    def measure(server: ServerProcess, probe: DatabaseProbe, count: int, profile: Path | None) -> Any:
+        return measure_burst(server, probe, count, args.poll_timeout, profile=profile)
+    return harness.run_each_size(args, "burst", measure, label=lambda count: f"S = {count}")
 
 
 def main() -> None:
@@ -108,12 +93,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=harness.sizes, default=[100, 500], help="numbers of students (and of VMs)")
     parser.add_argument("--poll-timeout", type=float, default=120.0,
                         help="the allocator's poll window; longer than the run, so no window ends inside it")
-    harness.common_arguments(parser)
-    args = parser.parse_args()
-    args.file_limit = harness.raise_file_limit()
-    result = run(args)
-    result["file_limit"] = args.file_limit
-    harness.emit(result, args.output)
+    harness.parse_and_run(parser, run)
 
 
 if __name__ == "__main__":

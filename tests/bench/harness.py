@@ -92,6 +92,42 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
                              "to this file; one file per size, suffixed with the size)")
 
 
+def parse_and_run(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], dict[str, Any]]) -> None:
+    """A benchmark's main: its options and the common ones, a raised file limit, the run, JSON out."""
+    common_arguments(parser)
+    args = parser.parse_args()
+    args.file_limit = raise_file_limit()
+    result = run(args)
+    result["file_limit"] = args.file_limit
+    emit(result, args.output)
+
+
+def run_each_size(
+    args: argparse.Namespace,
+    benchmark: str,
+    measure: Callable[[ServerProcess, DatabaseProbe, int, Path | None], Any],
+    label: Callable[[int], str] = lambda count: f"N = {count}",
+) -> dict[str, Any]:
+    """`measure` (a coroutine function) for every size in args.sizes, each on a fresh allocator
+    process and an emptied fleet, on one database; the benchmark's report."""
+    described_machine = machine()  # its load average before the run
+    results = []
+    with Postgres(args.database_url, args.max_connections) as postgres:
+        database_url = postgres.create_database()
+        probe = DatabaseProbe(database_url)
+        try:
+            for count in args.sizes:
+                reset_fleet(database_url)
+                log(f"{benchmark}: {label(count)}")
+                server = start_lablink(database_url, poll_timeout=args.poll_timeout)
+                with running(server):
+                    results.append(asyncio.run(measure(server, probe, count, profile_path(args.profile, count))))
+        finally:
+            probe.close()
+        return {"benchmark": benchmark, "machine": described_machine, "postgres": postgres.describe(),
+                "results": results}
+
+
 def emit(result: dict[str, Any], output: Path | None = None) -> None:
     """Print the result as JSON on stdout (and to `output`)."""
     if isinstance(result.get("machine"), dict):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
-from harness import DatabaseProbe, Fleet, Postgres, Sampler, ServerProcess, log
+from harness import DatabaseProbe, Fleet, Sampler, ServerProcess, log
 
 
 async def measure_waiters(server: ServerProcess, probe: DatabaseProbe, count: int, poll_timeout: float,
@@ -132,25 +132,10 @@ async def _windows(server: ServerProcess, probe: DatabaseProbe, fleet: Fleet, po
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every size, each on a fresh allocator process and an emptied fleet."""
-    machine = harness.machine()
-    results = []
-    with Postgres(args.database_url, args.max_connections) as postgres:
-        database_url = postgres.create_database()
-        probe = DatabaseProbe(database_url)
-        try:
-            for count in args.sizes:
-                harness.reset_fleet(database_url)
-                log(f"waiters: N = {count}")
-                server = harness.start_lablink(database_url, poll_timeout=args.poll_timeout)
-                with harness.running(server):
-                    results.append(asyncio.run(measure_waiters(
-                        server, probe, count, args.poll_timeout, windows=args.windows,
-                        idle_seconds=args.idle_seconds,
-                        profile=harness.profile_path(args.profile, count))))
-        finally:
-            probe.close()
-        return {"benchmark": "waiters", "machine": machine, "postgres": postgres.describe(),
-                "results": results}
+    def measure(server: ServerProcess, probe: DatabaseProbe, count: int, profile: Path | None) -> Any:
+        return measure_waiters(server, probe, count, args.poll_timeout, windows=args.windows,
+                               idle_seconds=args.idle_seconds, profile=profile)
+    return harness.run_each_size(args, "waiters", measure)
 
 
 def main() -> None:
@@ -160,12 +145,7 @@ def main() -> None:
     parser.add_argument("--poll-timeout", type=float, default=10.0, help="the allocator's poll window, seconds")
     parser.add_argument("--windows", type=int, default=2, help="poll windows every VM must live through")
     parser.add_argument("--idle-seconds", type=float, default=5.0, help="longest span to measure idle CPU over")
-    harness.common_arguments(parser)
-    args = parser.parse_args()
-    args.file_limit = harness.raise_file_limit()
-    result = run(args)
-    result["file_limit"] = args.file_limit
-    harness.emit(result, args.output)
+    harness.parse_and_run(parser, run)
 
 
 if __name__ == "__main__":

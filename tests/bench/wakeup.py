@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
-from harness import DatabaseProbe, Postgres, ServerProcess, log
+from harness import DatabaseProbe, ServerProcess
 
 
 async def measure_wakeup(server: ServerProcess, probe: DatabaseProbe, count: int, assignments: int,
@@ -78,27 +78,18 @@ async def measure_wakeup(server: ServerProcess, probe: DatabaseProbe, count: int
     return result
 
 
+def assignments_for(args: argparse.Namespace, count: int) -> int:
+    """How many students ask in a row with `count` VMs waiting."""
+    return int(args.assignments or min(500, max(1, count // 2)))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every size, each on a fresh allocator process and an emptied fleet."""
-    machine = harness.machine()
-    results = []
-    with Postgres(args.database_url, args.max_connections) as postgres:
-        database_url = postgres.create_database()
-        probe = DatabaseProbe(database_url)
-        try:
-            for count in args.sizes:
-                assignments = args.assignments or min(500, max(1, count // 2))
-                harness.reset_fleet(database_url)
-                log(f"wakeup: N = {count}, {assignments} assignments")
-                server = harness.start_lablink(database_url, poll_timeout=args.poll_timeout)
-                with harness.running(server):
-                    results.append(asyncio.run(measure_wakeup(
-                        server, probe, count, assignments, args.poll_timeout,
-                        profile=harness.profile_path(args.profile, count))))
-        finally:
-            probe.close()
-        return {"benchmark": "wakeup", "machine": machine, "postgres": postgres.describe(),
-                "results": results}
+    def measure(server: ServerProcess, probe: DatabaseProbe, count: int, profile: Path | None) -> Any:
+        return measure_wakeup(server, probe, count, assignments_for(args, count), args.poll_timeout,
+                              profile=profile)
+    return harness.run_each_size(
+        args, "wakeup", measure, label=lambda count: f"N = {count}, {assignments_for(args, count)} assignments")
 
 
 def main() -> None:
@@ -109,12 +100,7 @@ def main() -> None:
                         help="assignments per size (default: half the VMs, at most 500)")
     parser.add_argument("--poll-timeout", type=float, default=120.0,
                         help="the allocator's poll window; longer than the run, so no window ends inside it")
-    harness.common_arguments(parser)
-    args = parser.parse_args()
-    args.file_limit = harness.raise_file_limit()
-    result = run(args)
-    result["file_limit"] = args.file_limit
-    harness.emit(result, args.output)
+    harness.parse_and_run(parser, run)
 
 
 if __name__ == "__main__":
