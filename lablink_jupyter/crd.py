@@ -89,11 +89,15 @@ _CODE_FLAG_RE = re.compile(
     re.IGNORECASE,
 )
 _LOOSE_CODE_RE = re.compile(r"4/0[A-Za-z0-9_-]{17,}")
-#: Shell operators Google's commands never use ('&' alone is PowerShell's call operator, and
-#: $(hostname) is in Google's Linux and macOS commands).
-_SHELL_OPERATOR_RE = re.compile(r"&&|\|\||[;|`]|\$\((?!hostname\))")
+#: Shell operators and redirections Google's commands never use ($(hostname) is in its Linux
+#: and macOS commands; '&' opening a line is PowerShell's call operator, taken off first).
+_SHELL_OPERATOR_RE = re.compile(r"&&|\|\||[;|`<>&]|\$\((?!hostname\))")
+#: A prompt copied along (PowerShell, cmd, bash, a bare sigil), then PowerShell's call operator.
+_COMMAND_START_RE = re.compile(
+    r"""^\s*(?:PS\s[^>\n]*>|[A-Za-z]:\\[^>\n]*>|[^\s@]+@[^\s:]+:\S*\s*[$#]|[$#>%])?\s*(?:&\s)?""")
 _FLAG_NAME_RE = re.compile(r"(?<![\w-])--([A-Za-z][\w-]*)")
 _GOOGLES_FLAGS = frozenset({"code", "redirect-url", "name"})
+_NAME_FLAG_RE = re.compile(r"""--name\s*=\s*["']?([^"'\s]*)""", re.IGNORECASE)
 _REDIRECT_FLAG_RE = re.compile(r"""--redirect-url\s*=\s*["']?([^"'\s]*)""", re.IGNORECASE)
 _PROMPT_RE = re.compile(
     r"""^(?:PS\s[^>\n]*>        # PowerShell: PS C:\Users\x>
@@ -250,13 +254,18 @@ def _two_codes() -> CrdCommandError:
 
 def _beyond_googles_command(rest: str) -> tuple[str, ...]:
     """Name what `rest` (the paste without its --code= flags) holds that Google never prints."""
-    found = [f"'{operator}'" for operator in dict.fromkeys(_SHELL_OPERATOR_RE.findall(rest))]
-    for flag in dict.fromkeys(_FLAG_NAME_RE.findall(rest)):
-        if flag.lower() not in _GOOGLES_FLAGS:
+    lines = [_COMMAND_START_RE.sub("", line, count=1) for line in rest.split("\n")]
+    operators = _SHELL_OPERATOR_RE.findall("\n".join(lines))
+    found = [f"'{operator}'" for operator in dict.fromkeys(operators)]
+    flags = [flag.lower() for flag in _FLAG_NAME_RE.findall(rest)]
+    for flag in dict.fromkeys(flags):
+        if flag not in _GOOGLES_FLAGS:
             found.append(f"--{flag}")
     redirects = _REDIRECT_FLAG_RE.findall(rest)
     if any(url != REDIRECT_URL for url in redirects):
         found.append("another --redirect-url")
+    if flags.count("name") > 1 and len(set(_NAME_FLAG_RE.findall(rest))) > 1:
+        found.append("another --name")
     lines = [line.strip() for line in rest.split("\n") if line.strip()]
     if any(not line.startswith("--") for line in lines[1:]):
         found.append("a second line")  # a command wrapped by the page goes on with a flag

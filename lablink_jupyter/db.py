@@ -418,7 +418,8 @@ class Database:
         """Give `user` a VM with this code, or re-arm the VM they hold.
 
         With `may_use_held` false, a student who holds a VM gets HeldByAnother instead of
-        it (the open form, where anyone can type anyone's email).
+        it (the open form, where anyone can type anyone's email), unless this is the code
+        their VM was given.
 
         The pick is one statement with FOR UPDATE SKIP LOCKED, so two requests
         never claim the same VM; the partial unique index on assigned_user
@@ -467,7 +468,9 @@ class Database:
         )
         held = await cur.fetchone()
         moved_from = None
-        if held is not None and not may_use_held:
+        if held is not None and not may_use_held and held["code_digest"] != digest:
+            # Only the student has their own Google code: the same paste twice (a double
+            # click, before the browser was remembered) is theirs.
             raise HeldByAnother()
         if held is not None:
             if held["code_digest"] == digest:

