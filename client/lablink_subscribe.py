@@ -61,6 +61,10 @@ MSG_TIMED_OUT = (
     "Chrome Remote Desktop setup timed out on the VM; try a fresh code, and tell your "
     "instructor if it happens again."
 )
+MSG_INTERRUPTED = (
+    "Setting up Chrome Remote Desktop was interrupted (the VM's LabLink program restarted): "
+    "get a fresh command from remotedesktop.google.com/headless and paste it again."
+)
 MSG_BAD_ASSIGNMENT = (
     "The VM received a code or PIN it cannot use; paste a fresh command, and tell your "
     "instructor if it happens again."
@@ -116,8 +120,13 @@ class Assignment:
 class Outcome:
     """What became of one assignment, as reported to the allocator."""
 
-    status: str  # "active" or "failed"
+    status: str  # "active" or "failed"; STARTED only in the state file, while start-host runs
     message: str | None = None
+
+
+#: Recorded while start-host runs: after a restart, the same work is not run again with
+#: a one-time code that run may have used.
+STARTED = "started"
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -391,9 +400,20 @@ class State:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def save_last_work(self, work_id: str | int | None, outcome: Outcome) -> None:
+    def last_start_host_pid(self) -> int | None:
+        """The process id of the start-host run recorded as STARTED, if any."""
+        try:
+            pid = json.loads(self.last_work_path.read_text(encoding="utf-8")).get("start_host_pid")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return pid if isinstance(pid, int) and pid > 0 else None
+
+    def save_last_work(self, work_id: str | int | None, outcome: Outcome,
+                       start_host_pid: int | None = None) -> None:
         """Record an assignment's outcome so a redelivery is answered without rerunning start-host."""
-        record = {"work_id": work_id, "status": outcome.status, "message": outcome.message}
+        record: dict[str, Any] = {"work_id": work_id, "status": outcome.status, "message": outcome.message}
+        if start_host_pid is not None:
+            record["start_host_pid"] = start_host_pid
         try:
             write_private(self.last_work_path, json.dumps(record) + "\n")
         except OSError as error:
@@ -404,8 +424,12 @@ class State:
 # ---------------------------------------------------------------- running CRD
 
 
-def run_start_host(settings: Settings, assignment: Assignment) -> Outcome:
-    """Run start-host for an assignment, without a shell and with a timeout; never log its output."""
+def run_start_host(settings: Settings, assignment: Assignment,
+                   on_started: Callable[[int], None] | None = None) -> Outcome:
+    """Run start-host for an assignment, without a shell and with a timeout; never log its output.
+
+    `on_started` is given start-host's process id as soon as it runs.
+    """
     running_as_root = os.geteuid() == 0
     argv = start_host_argv(settings, assignment, running_as_root=running_as_root)
     stdin_data = start_host_stdin(settings, assignment)
@@ -426,6 +450,8 @@ def run_start_host(settings: Settings, assignment: Assignment) -> Outcome:
             )
         except OSError:
             return Outcome("failed", classify_failure(None, "", missing=True))
+        if on_started is not None:
+            on_started(process.pid)
         try:
             if stdin_data is not None and process.stdin is not None:
                 try:
@@ -446,6 +472,15 @@ def run_start_host(settings: Settings, assignment: Assignment) -> Outcome:
         output.seek(0)
         text = output.read(MAX_OUTPUT_BYTES).decode("utf-8", "replace")
         return Outcome("failed", classify_failure(returncode, text))
+
+
+def _runs_start_host(pid: int, settings: Settings) -> bool:
+    """Whether process `pid` is still a start-host (a process id may be reused after a reboot)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return os.path.basename(settings.start_host).encode() in cmdline
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
@@ -652,16 +687,37 @@ class Subscriber:
         log.info("assignment received for %s (work %s)", assignment.hostname, assignment.work_id)
         previous = self.state.load_last_work()
         if assignment.work_id is not None and previous and previous[0] == assignment.work_id:
-            log.info("work %s was already handled; re-sending its report", assignment.work_id)
-            self._report_outcome(assignment.work_id, previous[1])
-            return
-        outcome = run_start_host(self.settings, assignment)
+            if previous[1].status != STARTED:
+                log.info("work %s was already handled; re-sending its report", assignment.work_id)
+                self._report_outcome(assignment.work_id, previous[1])
+                return
+            log.warning("work %s was being set up when this program stopped; start-host is not run "
+                        "again with the same one-time code", assignment.work_id)
+            outcome = self._outcome_of_interrupted_setup()
+        else:
+            def started(pid: int) -> None:
+                self.state.save_last_work(assignment.work_id, Outcome(STARTED), start_host_pid=pid)
+            outcome = run_start_host(self.settings, assignment, on_started=started)
         if outcome.status == "active":
             log.info("start-host ok")
         else:
             log.warning("start-host failed: %s", outcome.message)
         self.state.save_last_work(assignment.work_id, outcome)
         self._report_outcome(assignment.work_id, outcome)
+
+    def _outcome_of_interrupted_setup(self) -> Outcome:
+        """What became of a start-host run this program was stopped during.
+
+        That start-host leads its own session and may still run: wait for it (up to the
+        start-host timeout), then a registered host means it worked.
+        """
+        pid = self.state.last_start_host_pid()
+        deadline = time.monotonic() + self.settings.start_host_timeout
+        while pid is not None and _runs_start_host(pid, self.settings) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if list(self.settings.host_config_dir.glob("host#*.json")):
+            return Outcome("active")
+        return Outcome("failed", MSG_INTERRUPTED)
 
     def _report_outcome(self, work_id: str | int | None, outcome: Outcome) -> None:
         body: dict[str, Any] = {"hostname": self.settings.hostname, "status": outcome.status}

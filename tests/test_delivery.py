@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 
 from conftest import INSTRUCTOR, fresh_code, linux_command, query, until
 
@@ -237,3 +240,39 @@ async def test_a_vm_that_dropped_its_poll_is_handed_out_last(lablink, vm_factory
     assert second.code == 200 and second.body["hostname"] == "lab-vm-1"
     dying.start()
     await lablink.wait_for_status("bob", "active")
+
+
+async def _restart_while_setting_up(lablink, vm):
+    """Alice's code reaches the VM; its program dies while start-host runs and comes back."""
+    await until(lambda: _status(lablink, "lab-vm-1") == "available")
+    hold = vm.crd_dir / "hold"
+    hold.write_text("")  # the stand-in start-host waits while this file exists
+    assert (await lablink.request_vm("alice", linux_command(fresh_code()))).code == 200
+    await until(lambda: len(vm.calls()) == 1)
+    vm.kill()  # start-host leads its own session: it goes on without the program
+    vm.start()
+    await until(lambda: "was being set up when this program stopped" in vm.log(), within=30)
+    started = json.loads((vm.home / "state" / "last_work.json").read_text())
+    return hold, started["start_host_pid"]
+
+
+async def test_a_vm_restarted_during_setup_waits_for_start_host_instead_of_rerunning_it(lablink, vm_factory):
+    vm = vm_factory("lab-vm-1")
+    hold, _pid = await _restart_while_setting_up(lablink, vm)
+    hold.unlink()  # the first start-host finishes and registers the host
+    await lablink.wait_for_status("alice", "active")
+    assert len(vm.calls()) == 1  # Google's one-time code went to start-host once
+
+
+async def test_a_setup_cut_short_by_a_restart_asks_for_a_fresh_code(lablink, vm_factory):
+    vm = vm_factory("lab-vm-1")
+    hold, pid = await _restart_while_setting_up(lablink, vm)
+    os.kill(pid, signal.SIGKILL)  # start-host died with the program: no host was registered
+    failed = await lablink.wait_for_status("alice", "failed")
+    assert "interrupted" in failed["error"] and "fresh command" in failed["error"]
+    assert len(vm.calls()) == 1
+    hold.unlink()
+    rearmed = await lablink.request_vm("alice", linux_command(fresh_code()))
+    assert rearmed.code == 200 and rearmed.body["outcome"] == "rearmed"
+    await lablink.wait_for_status("alice", "active")
+    assert len(vm.calls()) == 2
