@@ -236,10 +236,7 @@ class AdminPageHandler(InstructorHandler):
             return
         if not self._may_enter():
             return
-        notice = self.get_signed_cookie(self.NOTICE_COOKIE, max_age_days=1)
-        if notice is not None:
-            self.clear_cookie(self.NOTICE_COOKIE)
-        await self._render(notice=notice.decode() if notice else None)
+        await self._render(notice=self.take_flash(self.NOTICE_COOKIE))
 
     @allow_unauthenticated
     async def post(self) -> None:
@@ -281,8 +278,7 @@ class AdminPageHandler(InstructorHandler):
                     notice = f"Retired {hostname}."
                 # Back to the page by GET, so that reloading it does not do this again. (The
                 # other actions show a token once, which must not travel through a redirect.)
-                self.set_signed_cookie(self.NOTICE_COOKIE, notice, expires_days=None, httponly=True,
-                                       samesite="Strict")
+                self.flash(self.NOTICE_COOKIE, notice)
                 self.redirect(self.base_url + routes.ADMIN_PAGE, status=303)
                 return
         except ApiError as exc:

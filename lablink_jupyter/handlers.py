@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .app import LabLink
 
 STUDENT_COOKIE = "lablink-student"
+NOTES_COOKIE = "lablink-notes"  # a request's notes, carried to the VM page it is sent on to
 LOG_IN_HINT = (
     "Open the link your course gave you and log in; programs send "
     "'Authorization: token <token>'."
@@ -169,6 +170,18 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
         if getattr(self, "_xsrf_deferred", False):
             return None
         return super().check_xsrf_cookie()
+
+    def flash(self, name: str, text: str) -> None:
+        """Carry `text` across the redirect that follows (a signed cookie, read once by take_flash)."""
+        self.set_signed_cookie(name, text, expires_days=None, httponly=True, samesite="Lax")
+
+    def take_flash(self, name: str) -> str | None:
+        """What flash() left under `name`, once."""
+        value = self.get_signed_cookie(name, max_age_days=1)
+        if value is None:
+            return None
+        self.clear_cookie(name)
+        return value.decode()
 
     def on_connection_close(self) -> None:
         super().on_connection_close()  # ends the wait for a streamed body that will never come
@@ -526,6 +539,8 @@ class RequestVmHandler(LabLinkHandler):
             raise
         self.remember_student(user)
         if self.is_form:
+            if view["notes"]:
+                self.flash(NOTES_COOKIE, json.dumps(view["notes"]))
             self.redirect(self.base_url + routes.VM_PAGE, status=303)
             return
         self.write_json(view)
@@ -613,7 +628,11 @@ class VmPageHandler(LabLinkHandler):
         if view["status"] == "none":
             self.redirect(self.base_url + routes.FORM_PAGE)
             return
-        self.finish(self.lablink.render_page(self, "vm.html", vm=view))
+        try:
+            notes = json.loads(self.take_flash(NOTES_COOKIE) or "[]")
+        except ValueError:
+            notes = []
+        self.finish(self.lablink.render_page(self, "vm.html", vm=view, notes=notes))
 
 
 class _DuplicateKey(ValueError):

@@ -119,6 +119,17 @@ async def test_web_form_post_needs_xsrf_and_works_with_it(lablink):
                              body=urlencode({"crd_command": "hello", "_xsrf": xsrf}))
     assert bad.code == 400 and "not a Chrome Remote Desktop command" in bad.body
 
+    # What the answer notes (here: re-armed, and what of the paste was left out) reaches the
+    # page the form is sent on to, once.
+    rearmed = await lablink.call("POST", "lablink/api/request_vm", headers=browser, body=urlencode(
+        {"crd_command": linux_command(fresh_code()) + "; rm -rf ~", "_xsrf": xsrf}))
+    assert rearmed.code == 303, rearmed
+    with_notes = {"Cookie": cookie_header({**cookies, **cookies_of(rearmed.headers)})}
+    page = await lablink.call("GET", "lablink/vm", headers=with_notes)
+    assert "keeps its PIN" in page.body and "left out" in page.body and "rm -rf" not in page.body
+    assert "keeps its PIN" not in (await lablink.call("GET", "lablink/vm", headers={
+        "Cookie": cookie_header({**cookies, **cookies_of(page.headers)})})).body
+
 
 
 async def test_a_vm_token_cannot_touch_another_vm_that_has_work(lablink):
