@@ -11,7 +11,6 @@ import re
 from collections.abc import Awaitable
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import urlencode
 
 from jupyter_server.auth.decorator import allow_unauthenticated
 
@@ -232,7 +231,7 @@ class AdminPageHandler(InstructorHandler):
     @allow_unauthenticated
     async def get(self) -> None:
         if self.current_user is None:
-            self.redirect(self.get_login_url() + "?" + urlencode({"next": self.request.uri}))
+            self.redirect_to_login()
             return
         if not self._may_enter():
             return

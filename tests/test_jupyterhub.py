@@ -522,7 +522,10 @@ def _has_instructor_api() -> bool:
 @pytest.mark.skipif(not _has_instructor_api(), reason="the instructor API (lablink/api/vms) is not built yet")
 def test_a_hub_admin_sees_the_instructor_api_and_a_student_does_not(hub: Hub) -> None:
     teacher = Browser(hub).log_in(ADMIN, ADMIN_PASSWORD)
-    assert teacher.get(SERVICE + routes.FORM_PAGE).status_code == 200  # logs in to the service
+    # The admin page opened first, as an instructor would from a bookmark: Hub OAuth, then the page.
+    page = teacher.get(SERVICE + routes.ADMIN_PAGE)
+    assert page.status_code == 200 and page.url == hub.url + SERVICE + routes.ADMIN_PAGE, page.url
+    assert "LabLink fleet" in page.text
     fleet = teacher.get(SERVICE + routes.VMS)
     assert fleet.status_code == 200, fleet.text
     assert {"hub-vm-1", "hub-vm-2", "hub-vm-3"} <= {vm["hostname"] for vm in _vm_list(fleet.json())}
