@@ -73,8 +73,7 @@ class InstructorHandler(LabLinkHandler):
             raise ApiError(403, "Log in first.", LOG_IN_HINT)
         if not self.lablink.is_instructor(self.current_user, self.identity_provider):
             raise ApiError(403, "Only instructors can manage the fleet.",
-                           f"Ask whoever runs LabLink to add {username} to c.LabLink.instructors.",
-                           user=username)
+                           self.lablink.how_to_make_instructor(username, self.current_user), user=username)
         return username
 
     async def fleet_call(self, call: Awaitable[Any]) -> Any:

@@ -31,7 +31,7 @@ from .fleet import FleetAdmin
 from .handlers import default_handlers
 from .kernel_env import export_for_kernels
 from .listener import NotificationListener
-from .roles import InstructorRule, is_instructor
+from .roles import InstructorRule, hub_user_model, is_instructor
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -368,6 +368,16 @@ class LabLink(ExtensionApp):
             owner_is_instructor=self.owner_is_instructor,
         )
         return is_instructor(user, rule, identity_provider)
+
+    def how_to_make_instructor(self, username: str, user: Any) -> str:
+        """The hint a refused user is given: who can make them an instructor, and how."""
+        if hub_user_model(user) is None:
+            return f"Ask whoever runs LabLink to add {username} to c.LabLink.instructors."
+        ways = ["make you a Hub admin"] if self.hub_admins_are_instructors else []
+        if self.instructor_group:
+            ways.append(f"add you to the Hub group '{self.instructor_group}'")
+        ways.append(f"add {username} to c.LabLink.instructors")
+        return "Ask whoever runs JupyterHub to " + ", or ".join(ways) + "."
 
     def render_page(self, handler: web.RequestHandler, name: str, **values: Any) -> str:
         """Render one of LabLink's HTML pages."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from lablink_jupyter import hub
@@ -49,3 +51,13 @@ def test_without_the_environment_the_defaults_stay_empty(monkeypatch):
     monkeypatch.delenv("LABLINK_ENROLL_TOKEN", raising=False)
     app = LabLink()
     assert app.database_url == "" and app.enrollment_token == ""
+
+
+def test_a_refused_hub_user_is_told_who_can_make_them_an_instructor():
+    app = LabLink(instructor_group="teachers")
+    hub_user = SimpleNamespace(username="erin", hub_user={"name": "erin", "admin": False, "groups": []})
+    hint = app.how_to_make_instructor("erin", hub_user)
+    assert hint.startswith("Ask whoever runs JupyterHub") and "Hub admin" in hint and "'teachers'" in hint
+    plain_user = SimpleNamespace(username="erin")
+    assert app.how_to_make_instructor("erin", plain_user) == (
+        "Ask whoever runs LabLink to add erin to c.LabLink.instructors.")

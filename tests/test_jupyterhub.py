@@ -532,7 +532,8 @@ def test_a_hub_admin_sees_the_instructor_api_and_a_student_does_not(hub: Hub) ->
 
     erin = Browser(hub).log_in("erin")
     assert erin.get(SERVICE + routes.FORM_PAGE).status_code == 200
-    assert erin.get(SERVICE + routes.VMS).status_code == 403
+    refused = erin.get(SERVICE + routes.VMS)
+    assert refused.status_code == 403 and "Hub admin" in refused.json()["hint"], refused.text
 
 
 # What the instructor's notebook runs: the panel, finding the service by itself.
