@@ -239,7 +239,8 @@ class LabLink(ExtensionApp):
     def make_serverapp(cls, **kwargs: Any) -> ServerApp:
         """The ServerApp of `jupyter lablink`: started by JupyterHub as a service, it logs users in with the Hub."""
         if hub.started_as_hub_service():
-            kwargs["jpserver_extensions"] = {**kwargs.get("jpserver_extensions", {}), hub.HUB_EXTENSION: True}
+            kwargs["jpserver_extensions"] = {**kwargs.get("jpserver_extensions", {}), hub.HUB_EXTENSION: True,
+                                             **dict.fromkeys(hub.FRONT_ENDS, False)}
             kwargs.update(hub.hub_service_server_settings())
         return super().make_serverapp(**kwargs)
 
@@ -306,7 +307,8 @@ class LabLink(ExtensionApp):
         if not self.serving:
             return
         assert self.allocator is not None
-        export_for_kernels(serverapp, self.log)
+        if not hub.started_as_hub_service():  # the service runs no kernels
+            export_for_kernels(serverapp, self.log)
         url = self.database_url
         if not url:
             self.embedded = await asyncio.to_thread(

@@ -49,6 +49,11 @@ def _with_slash(path: str) -> str:
     return path if path.endswith("/") else path + "/"
 
 
+#: Front ends that installing JupyterLab (say, in the Hub's environment) enables in every
+#: Jupyter server: on the service they would only be empty shells, as it runs no kernels.
+FRONT_ENDS = ("jupyterlab", "notebook", "jupyter_lsp", "nbclassic")
+
+
 def hub_service_server_settings() -> dict[str, Any]:
     """ServerApp settings for `jupyter lablink` run as the Hub's service."""
     return {

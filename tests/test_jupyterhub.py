@@ -509,6 +509,7 @@ def test_the_service_serves_no_kernels_terminals_or_files_to_hub_users(hub: Hub)
     assert dave.get(SERVICE + "api/kernels").status_code == 403
     assert dave.get(SERVICE + "api/contents").status_code == 403
     assert dave.post(SERVICE + "api/terminals").status_code in (403, 404)
+    assert dave.get(SERVICE + "lab").status_code == 404  # no JupyterLab shell either
     assert dave.get(SERVICE + routes.HEALTH).status_code == 200
     assert "LabLink runs as the JupyterHub service 'lablink'" in hub.log()
 
