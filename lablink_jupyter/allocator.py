@@ -442,7 +442,8 @@ class Allocator:
         if assignment.outcome == "rearmed":
             notes.append("Your VM keeps its PIN and is being set up again with the new code.")
         elif assignment.outcome == "unchanged":
-            notes.append("You already have this VM with this code; it is being set up.")
+            notes.append("You already have this VM with this code"
+                         + ("; it is ready." if view["status"] == VmStatus.ACTIVE else "; it is being set up."))
         view["outcome"] = assignment.outcome
         view["notes"] = notes
         return view

@@ -71,6 +71,7 @@ async def test_no_secret_in_any_log_payload_or_leftover_row(empty_database: str,
         again = await server.call("POST", "lablink/api/request_vm", user="alice",
                                   json_body={"crd_command": linux_command(first)})
         assert again.code == 200 and again.body["outcome"] == "unchanged"
+        assert "it is ready" in " ".join(again.body["notes"])  # not "being set up": it is active
         stolen = await server.call("POST", "lablink/api/request_vm", user="bob",
                                    json_body={"crd_command": linux_command(first)})
         assert stolen.code in (409, 503)  # a code works once (and no VM is free anyway): bob gets nothing

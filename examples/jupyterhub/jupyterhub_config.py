@@ -11,6 +11,11 @@ stands in for the course's authenticator and spawner, so that this file runs a
 whole Hub on one machine; the integration test (tests/test_jupyterhub.py) runs it,
 choosing the ports (LABLINK_SERVICE_PORT for the service, the Hub's on its
 command line).
+
+Run it from a folder of its own: the Hub keeps jupyterhub.sqlite and its cookie
+secret in the current folder, and listens on 8000, with its API on 8081 and the
+proxy's on 8001, unless told other ports (--port, --JupyterHub.hub_port,
+--ConfigurableHTTPProxy.api_url).
 """
 
 import os
