@@ -354,7 +354,8 @@ class LabLinkHandler(ExtensionHandlerMixin, JupyterHandler):
         """Whether this request shows it comes from `student`, who may then use the VM they hold.
 
         Always, with a Jupyter login. On the open form anyone can type anyone's email, so
-        only from the browser that student got their VM in (its signed cookie).
+        only from the browser that student got their VM in (its signed cookie); the
+        database still lets the same Google code through again (Database.assign_vm).
         """
         if self.lablink.identity != "email" or self.current_user is not None:
             return True
