@@ -97,6 +97,13 @@ _COMMAND_START_RE = re.compile(
     r"""^\s*(?:PS\s[^>\n]*>|[A-Za-z]:\\[^>\n]*>|[^\s@]+@[^\s:]+:\S*\s*[$#]|[$#>%])?\s*(?:&\s)?""")
 _FLAG_NAME_RE = re.compile(r"(?<![\w-])--([A-Za-z][\w-]*)")
 _GOOGLES_FLAGS = frozenset({"code", "redirect-url", "name"})
+#: Google's program, as each of its commands names it (quoted where the path has spaces).
+_PROGRAM_RE = re.compile(
+    r"""(?:DISPLAY=\s*)?(?:"[^"\n]*remoting_start_host[^"\n]*"|\S*(?:start-host|remoting_start_host)\S*)""",
+    re.IGNORECASE,
+)
+#: A flag with its value, quoted or not.
+_FLAG_RE = re.compile(r"""--[A-Za-z][\w-]*(?:\s*=\s*(?:"[^"\n]*"|'[^'\n]*'|\S*))?""")
 _NAME_FLAG_RE = re.compile(r"""--name\s*=\s*["']?([^"'\s]*)""", re.IGNORECASE)
 _REDIRECT_FLAG_RE = re.compile(r"""--redirect-url\s*=\s*["']?([^"'\s]*)""", re.IGNORECASE)
 _PROMPT_RE = re.compile(
@@ -266,6 +273,11 @@ def _beyond_googles_command(rest: str) -> tuple[str, ...]:
         found.append("another --redirect-url")
     if flags.count("name") > 1 and len(set(_NAME_FLAG_RE.findall(rest))) > 1:
         found.append("another --name")
+    if not found:
+        # Words that are neither Google's program nor a flag, with nothing above to explain them.
+        words = _FLAG_RE.sub(" ", _PROGRAM_RE.sub(" ", "\n".join(lines)))
+        if words.strip():
+            found.append("other words")
     lines = [line.strip() for line in rest.split("\n") if line.strip()]
     if any(not line.startswith("--") for line in lines[1:]):
         found.append("a second line")  # a command wrapped by the page goes on with a flag

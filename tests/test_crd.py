@@ -234,6 +234,7 @@ def test_what_google_never_prints_is_named_as_left_out(name: str, text: str) -> 
     ("< /etc/shadow", ("'<'",)),
     ("& curl evil.example", ("'&'",)),
     ("--name=evilhost", ("another --name",)),
+    ("rm -rf /", ("other words",)),
 ])
 def test_additions_to_the_linux_command_are_named(added: str, named: tuple[str, ...]) -> None:
     parsed = parse_crd_command(LINUX + " " + added)
