@@ -41,6 +41,16 @@ HOSTNAME_RE = re.compile(
 RESERVED_HOSTNAMES = frozenset({routes.VM_ENROLL.rsplit("/", 1)[1]})
 
 
+#: How a request for a VM can be refused, and the outcome each is counted as in the metrics.
+_REFUSALS: tuple[tuple[type[Exception], str], ...] = (
+    (crd.CrdCommandError, "bad_command"),
+    (NoVmFree, "no_vm_free"),
+    (CodeAlreadyUsed, "code_already_used"),
+    (HeldByAnother, "held_by_another"),
+    (DatabaseUnavailable, "database_unavailable"),  # AllocatorNotReady too
+)
+
+
 class AllocatorNotReady(DatabaseUnavailable):
     """The allocator is starting or stopping."""
 
@@ -405,20 +415,9 @@ class Allocator:
                 user, command.code, new_pin(self.settings.pin_length), self.settings.stale_after,
                 may_use_held=may_use_held,
             )
-        except crd.CrdCommandError:
-            metrics.ASSIGNMENT_REQUESTS.labels(outcome="bad_command").inc()
-            raise
-        except NoVmFree:
-            metrics.ASSIGNMENT_REQUESTS.labels(outcome="no_vm_free").inc()
-            raise
-        except CodeAlreadyUsed:
-            metrics.ASSIGNMENT_REQUESTS.labels(outcome="code_already_used").inc()
-            raise
-        except HeldByAnother:
-            metrics.ASSIGNMENT_REQUESTS.labels(outcome="held_by_another").inc()
-            raise
-        except DatabaseUnavailable:
-            metrics.ASSIGNMENT_REQUESTS.labels(outcome="database_unavailable").inc()
+        except tuple(kind for kind, _outcome in _REFUSALS) as refusal:
+            outcome = next(outcome for kind, outcome in _REFUSALS if isinstance(refusal, kind))
+            metrics.ASSIGNMENT_REQUESTS.labels(outcome=outcome).inc()
             raise
         metrics.ASSIGNMENT_REQUESTS.labels(outcome=assignment.outcome).inc()
         view = self.vm_view(assignment.vm)
