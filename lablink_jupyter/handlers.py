@@ -603,13 +603,16 @@ class FormPageHandler(LabLinkHandler):
         if self.lablink.identity == "jupyter" and self.current_user is None:
             self.redirect_to_login()
             return
-        held = None
+        held = student = None
         try:
-            view = await self.allocator.my_vm(self.student())
+            student = self.student()
+            view = await self.allocator.my_vm(student)
             held = view if view["status"] != "none" else None
         except (ApiError, DatabaseUnavailable):
             pass  # not known yet, or the database is down: the form itself still works
-        self.finish(self.lablink.render_page(self, "form.html", held=held))
+        # On the open form, a browser that got a VM has its email filled in.
+        email = student if held is not None and self.lablink.identity == "email" else None
+        self.finish(self.lablink.render_page(self, "form.html", held=held, email=email))
 
 
 class VmPageHandler(LabLinkHandler):

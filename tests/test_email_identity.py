@@ -49,6 +49,7 @@ async def test_open_form_gives_a_vm_to_an_email(lablink):
     # Back on the form, Ada is shown the VM she has; a newcomer's browser is not.
     again = await lablink.call("GET", "lablink/", headers={"Cookie": cookie_header(jar)})
     assert "You have <b>vm-a</b>" in again.body and pin not in again.body
+    assert 'value="ada@example.edu"' in again.body  # no need to type it again
     newcomer = await lablink.call("GET", "lablink/")
     assert "You have" not in newcomer.body
 
